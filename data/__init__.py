@@ -1,0 +1,1 @@
+"""Where examples come from and in what order they are seen."""

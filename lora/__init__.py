@@ -1,0 +1,1 @@
+"""LoRA from scratch; depends on torch.nn only."""

@@ -1,0 +1,1 @@
+"""Whisper-specific pieces that are not the training loop: models, audio, text, decoding, metrics."""
