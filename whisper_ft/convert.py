@@ -1,0 +1,263 @@
+"""State-dict conversion between openai-whisper, Hugging Face transformers and CTranslate2.
+
+openai-whisper is the model we train; the other two are how most weights are published.
+Every function here maps names and splits/fuses tensors only: values are never changed, so a
+round trip is exact (CTranslate2 key biases excepted, see `_split_qkv`).
+"""
+import json
+import re
+import struct
+
+import numpy as np
+import torch
+
+
+class ConversionError(ValueError):
+    """A model file or directory that cannot be read as a Whisper model; the message says why."""
+
+
+# --- openai <-> Hugging Face ----------------------------------------------------------------------
+
+# (openai pattern, HF pattern) for the parts inside a block; `{a}` is the attention kind.
+_BLOCK_PARTS = [
+    ("attn.query", "self_attn.q_proj"), ("attn.key", "self_attn.k_proj"),
+    ("attn.value", "self_attn.v_proj"), ("attn.out", "self_attn.out_proj"),
+    ("attn_ln", "self_attn_layer_norm"),
+    ("cross_attn.query", "encoder_attn.q_proj"), ("cross_attn.key", "encoder_attn.k_proj"),
+    ("cross_attn.value", "encoder_attn.v_proj"), ("cross_attn.out", "encoder_attn.out_proj"),
+    ("cross_attn_ln", "encoder_attn_layer_norm"),
+    ("mlp.0", "fc1"), ("mlp.2", "fc2"), ("mlp_ln", "final_layer_norm"),
+]
+_TOP = [
+    ("encoder.conv1", "model.encoder.conv1"), ("encoder.conv2", "model.encoder.conv2"),
+    ("encoder.positional_embedding", "model.encoder.embed_positions.weight"),
+    ("encoder.ln_post", "model.encoder.layer_norm"),
+    ("decoder.token_embedding", "model.decoder.embed_tokens"),
+    ("decoder.positional_embedding", "model.decoder.embed_positions.weight"),
+    ("decoder.ln", "model.decoder.layer_norm"),
+]
+
+
+def openai_to_hf_name(name: str) -> str:
+    """`decoder.blocks.1.cross_attn.value.weight` -> `model.decoder.layers.1.encoder_attn.v_proj.weight`.
+
+    Also maps module names (no `.weight` suffix), which is what PEFT adapter export needs.
+    """
+    m = re.fullmatch(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)", name)
+    if m:
+        side, i, rest = m.groups()
+        for ours, theirs in _BLOCK_PARTS:
+            if rest == ours or rest.startswith(ours + "."):
+                return f"model.{side}.layers.{i}.{theirs}{rest[len(ours):]}"
+    for ours, theirs in _TOP:
+        if name == ours or name.startswith(ours + "."):
+            return theirs + name[len(ours):]
+    raise ConversionError(f"no Hugging Face name for openai-whisper parameter {name!r}")
+
+
+def hf_to_openai_name(name: str) -> str:
+    if not name.startswith("model."):  # WhisperModel checkpoints lack the ForConditionalGeneration prefix
+        name = "model." + name
+    m = re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)", name)
+    if m:
+        side, i, rest = m.groups()
+        for ours, theirs in _BLOCK_PARTS:
+            if rest == theirs or rest.startswith(theirs + "."):
+                return f"{side}.blocks.{i}.{ours}{rest[len(theirs):]}"
+    for ours, theirs in _TOP:
+        if name == theirs or name.startswith(theirs + "."):
+            return ours + name[len(theirs):]
+    raise ConversionError(f"unexpected parameter {name!r} in a Hugging Face Whisper checkpoint")
+
+
+def openai_to_hf_state(state: dict) -> dict:
+    return {openai_to_hf_name(k): v for k, v in state.items()}
+
+
+def hf_to_openai_state(state: dict) -> dict:
+    # proj_out is tied to embed_tokens in every Whisper; openai-whisper has no separate copy.
+    return {hf_to_openai_name(k): v for k, v in state.items() if not k.startswith("proj_out.")}
+
+
+def dims_from_hf_config(cfg: dict) -> dict:
+    if cfg.get("model_type") != "whisper":
+        raise ConversionError(
+            f"config.json says model_type={cfg.get('model_type')!r}, not 'whisper': this is not a Whisper model")
+    return dict(n_mels=cfg["num_mel_bins"], n_audio_ctx=cfg["max_source_positions"], n_audio_state=cfg["d_model"],
+                n_audio_head=cfg["encoder_attention_heads"], n_audio_layer=cfg["encoder_layers"],
+                n_vocab=cfg["vocab_size"], n_text_ctx=cfg["max_target_positions"], n_text_state=cfg["d_model"],
+                n_text_head=cfg["decoder_attention_heads"], n_text_layer=cfg["decoder_layers"])
+
+
+def hf_config_from_dims(dims: dict, special: dict) -> dict:
+    """A transformers WhisperConfig dict; `special` holds the tokenizer's ids (sot, eot, ...)."""
+    return {
+        "model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"],
+        "num_mel_bins": dims["n_mels"], "max_source_positions": dims["n_audio_ctx"], "d_model": dims["n_audio_state"],
+        "encoder_attention_heads": dims["n_audio_head"], "encoder_layers": dims["n_audio_layer"],
+        "encoder_ffn_dim": 4 * dims["n_audio_state"], "decoder_ffn_dim": 4 * dims["n_text_state"],
+        "vocab_size": dims["n_vocab"], "max_target_positions": dims["n_text_ctx"],
+        "decoder_attention_heads": dims["n_text_head"], "decoder_layers": dims["n_text_layer"],
+        "num_hidden_layers": dims["n_audio_layer"], "activation_function": "gelu", "scale_embedding": False,
+        "tie_word_embeddings": True, "use_cache": True, "torch_dtype": "float32",
+        "bos_token_id": special["eot"], "eos_token_id": special["eot"], "pad_token_id": special["eot"],
+        "decoder_start_token_id": special["sot"], "begin_suppress_tokens": [220, special["eot"]],
+    }
+
+
+# --- CTranslate2 -> openai -------------------------------------------------------------------------
+
+# Type ids in the order of CTranslate2's DataType enum (specs/model_spec.py: _dtype_to_type_id).
+_CT2_DTYPES = [np.float32, np.int8, np.int16, np.int32, np.float16, None]  # 5 = bfloat16, handled apart
+_CT2_VERSIONS = (5, 6)
+
+
+def read_ct2_model(blob: bytes) -> tuple[dict, dict]:
+    """Parse a CTranslate2 `model.bin`: header, named tensors (dtype, shape), then aliases.
+
+    Returns ({name: torch.Tensor}, {"name": spec name, "revision": int}). Raises ConversionError on a
+    truncated or foreign file instead of a struct error deep inside.
+    """
+    view = memoryview(blob)
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(view):
+            raise ConversionError(f"model.bin is truncated (needed {size} bytes at offset {pos} of {len(view)})")
+        (value,) = struct.unpack_from(fmt, view, pos)
+        pos += size
+        return value
+
+    def take_string():
+        nonlocal pos
+        n = take("H")
+        if pos + n > len(view):
+            raise ConversionError("model.bin is truncated inside a name")
+        s = bytes(view[pos:pos + n - 1]).decode("utf-8", errors="replace")
+        pos += n
+        return s
+
+    version = take("I")
+    if version not in _CT2_VERSIONS:
+        raise ConversionError(f"model.bin has binary version {version}; this reader knows versions {_CT2_VERSIONS}"
+                              " (is it a CTranslate2 model?)")
+    spec_name, revision = take_string(), take("I")
+    tensors = {}
+    for _ in range(take("I")):
+        name = take_string()
+        shape = [take("I") for _ in range(take("B"))]
+        type_id, nbytes = take("B"), take("I")
+        if pos + nbytes > len(view):
+            raise ConversionError(f"model.bin is truncated inside tensor {name!r}")
+        raw = view[pos:pos + nbytes]
+        pos += nbytes
+        if type_id == 5:  # bfloat16: numpy has no such type, torch does
+            t = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16)
+        elif 0 <= type_id < len(_CT2_DTYPES):
+            t = torch.from_numpy(np.frombuffer(raw, dtype=_CT2_DTYPES[type_id]).copy())
+        else:
+            raise ConversionError(f"tensor {name!r} has unknown dtype id {type_id}")
+        tensors[name] = t.reshape(shape)
+    for _ in range(take("I")):
+        alias, target = take_string(), take_string()
+        tensors[alias] = tensors[target]
+    return tensors, {"name": spec_name, "revision": revision}
+
+
+def _weight(t: dict, prefix: str) -> torch.Tensor:
+    w = t[prefix + "/weight"]
+    scale = t.get(prefix + "/weight_scale")
+    if scale is not None:  # int8 / int16 quantised: q = round(w * scale), scale per output row
+        w = w.float() / scale.float().reshape(-1, *([1] * (w.dim() - 1)))
+    return w.float()
+
+
+def _linear(t, src, dst, out, bias=True):
+    out[dst + ".weight"] = _weight(t, src)
+    if bias:
+        out[dst + ".bias"] = t[src + "/bias"].float()
+
+
+def _ln(t, src, dst, out):
+    out[dst + ".weight"] = t[src + "/gamma"].float()
+    out[dst + ".bias"] = t[src + "/beta"].float()
+
+
+def _split_fused(t, src, dst, out, names):
+    """Split CTranslate2's fused projection (QKV or KV) into openai-whisper's separate Linears.
+
+    openai-whisper's `key` has no bias; CTranslate2 stores zeros there. A key bias would only add
+    the same constant to every logit of a query row, which softmax removes, so dropping it is exact.
+    """
+    w, b = _weight(t, src), t[src + "/bias"].float()
+    for name, wi, bi in zip(names, w.chunk(len(names)), b.chunk(len(names))):
+        out[f"{dst}.{name}.weight"] = wi.contiguous()
+        if name != "key":
+            out[f"{dst}.{name}.bias"] = bi.contiguous()
+
+
+def ct2_to_openai(tensors: dict) -> tuple[dict, dict]:
+    """CTranslate2 WhisperSpec tensors -> (openai-whisper dims, state_dict)."""
+    t = tensors
+    try:
+        n_audio_layer = 1 + max(int(m.group(1)) for k in t if (m := re.match(r"encoder/layer_(\d+)/", k)))
+        n_text_layer = 1 + max(int(m.group(1)) for k in t if (m := re.match(r"decoder/layer_(\d+)/", k)))
+        emb = t["decoder/embeddings/weight"]
+        dims = dict(n_mels=t["encoder/conv1/weight"].shape[1], n_audio_ctx=t["encoder/position_encodings/encodings"].shape[0],
+                    n_audio_state=t["encoder/conv1/weight"].shape[0], n_audio_head=int(t["encoder/num_heads"]),
+                    n_audio_layer=n_audio_layer, n_vocab=emb.shape[0],
+                    n_text_ctx=t["decoder/position_encodings/encodings"].shape[0], n_text_state=emb.shape[1],
+                    n_text_head=int(t["decoder/num_heads"]), n_text_layer=n_text_layer)
+        s = {}
+        _linear(t, "encoder/conv1", "encoder.conv1", s)
+        _linear(t, "encoder/conv2", "encoder.conv2", s)
+        s["encoder.positional_embedding"] = t["encoder/position_encodings/encodings"].float()
+        for i in range(n_audio_layer):
+            src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
+            _split_fused(t, f"{src}/self_attention/linear_0", f"{dst}.attn", s, ("query", "key", "value"))
+            _linear(t, f"{src}/self_attention/linear_1", f"{dst}.attn.out", s)
+            _ln(t, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln", s)
+            _linear(t, f"{src}/ffn/linear_0", f"{dst}.mlp.0", s)
+            _linear(t, f"{src}/ffn/linear_1", f"{dst}.mlp.2", s)
+            _ln(t, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln", s)
+        _ln(t, "encoder/layer_norm", "encoder.ln_post", s)
+        s["decoder.token_embedding.weight"] = emb.float()
+        s["decoder.positional_embedding"] = t["decoder/position_encodings/encodings"].float()
+        for i in range(n_text_layer):
+            src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
+            _split_fused(t, f"{src}/self_attention/linear_0", f"{dst}.attn", s, ("query", "key", "value"))
+            _linear(t, f"{src}/self_attention/linear_1", f"{dst}.attn.out", s)
+            _ln(t, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln", s)
+            _linear(t, f"{src}/attention/linear_0", f"{dst}.cross_attn.query", s)
+            _split_fused(t, f"{src}/attention/linear_1", f"{dst}.cross_attn", s, ("key", "value"))
+            _linear(t, f"{src}/attention/linear_2", f"{dst}.cross_attn.out", s)
+            _ln(t, f"{src}/attention/layer_norm", f"{dst}.cross_attn_ln", s)
+            _linear(t, f"{src}/ffn/linear_0", f"{dst}.mlp.0", s)
+            _linear(t, f"{src}/ffn/linear_1", f"{dst}.mlp.2", s)
+            _ln(t, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln", s)
+        _ln(t, "decoder/layer_norm", "decoder.ln", s)
+    except (KeyError, ValueError) as e:
+        raise ConversionError(f"model.bin is not a CTranslate2 Whisper model (missing or bad tensor: {e})") from None
+    proj = t.get("decoder/projection/weight")
+    if proj is not None and not torch.equal(proj.float(), s["decoder.token_embedding.weight"]):
+        raise ConversionError("model.bin has an output projection that differs from the token embedding;"
+                              " openai-whisper ties the two, so this model cannot be represented")
+    return dims, s
+
+
+def alignment_mask(heads, n_layer: int, n_head: int) -> torch.Tensor:
+    """CTranslate2 config's [[layer, head], ...] -> openai-whisper's boolean alignment-head mask."""
+    mask = torch.zeros(n_layer, n_head, dtype=torch.bool)
+    for layer, head in heads:
+        mask[layer, head] = True
+    return mask
+
+
+def read_json(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
