@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .inject import add_lora, lora_modules, replace_module
+from .inject import add_lora, list_adapters, lora_modules, replace_module, set_active_adapter  # noqa: F401 (re-exported)
 from .layers import check_adapter_name
 
 FORMAT_VERSION = "1"
@@ -134,18 +134,6 @@ def _get(model, name):
         return model.get_submodule(name)
     except AttributeError:
         return None
-
-
-def list_adapters(model: nn.Module) -> list[str]:
-    return sorted({a for m in lora_modules(model).values() for a in m.specs})
-
-
-def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Make `name` the adapter every LoRA layer uses (layers without it run the base); None = pure base."""
-    if name is not None and name not in list_adapters(model):
-        raise KeyError(f"no adapter named {name!r} in the model; it has {list_adapters(model)}")
-    for m in lora_modules(model).values():
-        m.set_active(name if name in m.specs else None)
 
 
 def merge_and_unload(model: nn.Module, name: str) -> nn.Module:

@@ -74,11 +74,11 @@ def add_lora(model: nn.Module, name: str = "default", targets="qv", r: int = 16,
             module = LoRALinear.from_linear(module)
             replace_module(model, module_name, module)
         module.add_adapter(name, AdapterSpec(mr, float(alpha), float(dropout), bool(rslora), kind))
-        if activate:
-            module.set_active(name)
         wrapped.append(module_name)
     if not wrapped:
         raise ValueError(f"add_lora: every targeted module got rank 0 from rank_pattern={rank_pattern}; nothing added")
+    if activate:
+        set_active_adapter(model, name)
     return wrapped
 
 
@@ -86,6 +86,18 @@ def lora_modules(model: nn.Module, name: str | None = None) -> dict[str, LoRALin
     """{module name: LoRALinear}, only those holding adapter `name` when it is given."""
     return {n: m for n, m in model.named_modules()
             if isinstance(m, LoRALinear) and (name is None or name in m.specs)}
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    return sorted({a for m in lora_modules(model).values() for a in m.specs})
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Make `name` the adapter every LoRA layer uses (layers without it run the base); None = pure base."""
+    if name is not None and name not in list_adapters(model):
+        raise KeyError(f"no adapter named {name!r} in the model; it has {list_adapters(model)}")
+    for m in lora_modules(model).values():
+        m.set_active(name if name in m.specs else None)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
