@@ -37,6 +37,8 @@ def check_adapter_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"adapter name {name!r} is not allowed: use letters, digits, '_' or '-' (it becomes a "
                          f"state_dict key component)")
+    if hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} clashes with a torch.nn container attribute; pick another name")
     return name
 
 

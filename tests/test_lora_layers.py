@@ -58,6 +58,8 @@ def test_lora_linear_shares_base_parameters_and_keeps_state_dict_keys():
     assert AdapterSpec(r=16, alpha=32, rslora=True).scale == 8.0
     with pytest.raises(ValueError, match="name"):
         m.add_adapter("bad.name", AdapterSpec(r=4, alpha=8))
+    with pytest.raises(ValueError, match="clashes"):
+        m.add_adapter("copy", AdapterSpec(r=4, alpha=8))  # would shadow ParameterDict.copy
     with pytest.raises(ValueError, match="already exists"):
         m.add_adapter("amdo", AdapterSpec(r=4, alpha=8))
 
