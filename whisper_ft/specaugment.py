@@ -9,7 +9,7 @@ unchanged. All random numbers for a batch are drawn in one call from the `torch.
 passes in, so the same (seed, step) gives the same masks after a resume (see `make_generator`); they
 are drawn on the generator's device and then moved, so CPU and GPU batches get the same masks.
 
-    python -m whisper_ft.specaugment --policy LD --out mel.png          # a generated chirp
+    python -m whisper_ft.specaugment --policy LD --seed 2 --out mel.png   # a generated chirp (docs/specaugment_LD.png)
     python -m whisper_ft.specaugment --wav clip.wav --policy adaptive --out mel.png
 """
 
@@ -349,8 +349,10 @@ def main(argv=None):
     axes[1].set_xlabel("frame (10 ms)")
     fig.colorbar(shown, ax=axes, shrink=0.8)
     fig.savefig(args.out, dpi=80)
-    print(f"wrote {args.out}: {n_real} real frames of {mel.shape[-1]}, masked cells "
-          f"{(out != mel)[:, :n_real].float().mean().item():.1%}")
+    freq, time = augment.sample_masks([n_real], mel.shape[0], mel.shape[1], make_generator(args.seed, 0))
+    covered = (freq[0][:, None] | time[0][None, :])[:, :n_real].float().mean().item()
+    print(f"wrote {args.out}: {n_real} real frames of {mel.shape[-1]}; masks cover {covered:.1%} of the real cells "
+          f"(expected {augment.expected_masked_fraction([n_real], mel.shape[0]).item():.1%} on average)")
 
 
 if __name__ == "__main__":
