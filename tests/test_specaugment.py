@@ -166,8 +166,15 @@ def test_bad_values_give_one_line_errors(capsys):
         from_policy("LD", time_ratio=1.5)
 
 
-def test_png_command_writes_an_image(tmp_path):
+@pytest.mark.parametrize("from_file", [False, True])
+def test_png_command_writes_an_image(tmp_path, from_file):
+    import numpy as np
+    import soundfile
     from whisper_ft.specaugment import main
-    out = tmp_path / "mel.png"
-    main(["--policy", "LD", "--out", str(out), "--pad-seconds", "1"])
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    args = ["--policy", "LD", "--out", str(tmp_path / "mel.png"), "--pad-seconds", "1"]
+    if from_file:  # a 22.05 kHz stereo file exercises reading, down-mixing and resampling
+        t = np.arange(22050) / 22050
+        soundfile.write(tmp_path / "tone.wav", np.stack([np.sin(2 * np.pi * 440 * t)] * 2, axis=1) * 0.3, 22050)
+        args += ["--wav", str(tmp_path / "tone.wav")]
+    main(args)
+    assert (tmp_path / "mel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
