@@ -178,3 +178,16 @@ def test_png_command_writes_an_image(tmp_path, from_file):
         args += ["--wav", str(tmp_path / "tone.wav")]
     main(args)
     assert (tmp_path / "mel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flags_can_join_an_existing_argument_group():
+    import warnings
+    from whisper_ft.augment import add_augment_args
+    parser = argparse.ArgumentParser()
+    group = parser.add_argument_group("augmentation (training only)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # argparse warns when groups are nested
+        add_specaugment_args(group)
+        add_augment_args(group)
+    args = parser.parse_args(["--specaugment", "LB", "--gain-db", "3"])
+    assert specaugment_from_args(args).config == POLICIES["LB"] and args.gain_db == 3.0

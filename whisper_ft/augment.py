@@ -251,8 +251,10 @@ def _probability(text: str) -> float:
     return p
 
 
-def add_augment_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("waveform augmentation (training only; all off by default)")
+def add_augment_args(parser) -> None:
+    # a parser gets its own group; a group passed in (train.py's "augmentation") is used as it is,
+    # since argparse deprecates nesting groups
+    group = parser.add_argument_group("waveform augmentation (training only; all off by default)") if isinstance(parser, argparse.ArgumentParser) else parser
     group.add_argument("--speed-perturb", type=_floats, default=(), metavar="0.9,1.0,1.1",
                        help="speed factors, one drawn per clip (duration / factor, pitch * factor)")
     group.add_argument("--pitch-shift", type=float, default=0.0, metavar="SEMITONES",

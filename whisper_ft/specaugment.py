@@ -281,8 +281,10 @@ def _mask_value(text: str):
         raise argparse.ArgumentTypeError(f"--specaugment-value must be mean, min or a number, got {text!r}") from None
 
 
-def add_specaugment_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("SpecAugment (training only)")
+def add_specaugment_args(parser) -> None:
+    # a parser gets its own group; a group passed in (train.py's "augmentation") is used as it is,
+    # since argparse deprecates nesting groups
+    group = parser.add_argument_group("SpecAugment (training only)") if isinstance(parser, argparse.ArgumentParser) else parser
     group.add_argument("--specaugment", type=_policy_name, default="none", metavar="|".join(POLICIES),
                        help="named policy (Park et al. 2019 LB/LD, 2020 adaptive); the flags below override it")
     for flag, (field, kind) in _FIELD_FLAGS.items():
