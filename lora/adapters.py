@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .inject import add_lora, list_adapters, lora_modules, replace_module, set_active_adapter  # noqa: F401 (re-exported)
+# list_adapters / set_active_adapter live in inject.py (add_lora activates); re-exported here with the file API
+from .inject import add_lora, list_adapters, lora_modules, replace_module, set_active_adapter  # noqa: F401
 from .layers import check_adapter_name
 
 FORMAT_VERSION = "1"

@@ -127,6 +127,8 @@ class DynamicRankAllocator:
                   = target_total                                  t >  total_steps - final_steps
     and every update_and_allocate masks (zeroes) the lowest-scoring singular values down to budget(t).
     In the final phase the mask is frozen, as in AdaLoRA, so the last steps fine-tune a fixed rank pattern.
+    Scores are read from .grad, so call update_and_allocate after optimizer.step() (after the GradScaler has
+    unscaled, so scores are comparable across steps) and before zero_grad(); it raises if the gradients are gone.
     """
 
     def __init__(self, model: nn.Module, name: str, *, target_total: int, total_steps: int, warmup_steps: int = 0,

@@ -226,3 +226,19 @@ def test_kv_cache_decoding_matches_full_recompute_with_lora():
     set_active_adapter(model, None)
     _, base_steps, _ = greedy(model, mel, prefix, 1, use_cache=True)
     assert not torch.allclose(base_steps[0], cached_steps[0], atol=1e-3)
+
+
+def test_whisper_decode_with_lora_matches_the_merged_plain_model():
+    from lora import merge_and_unload
+
+    model = tiny()
+    add_lora(model, targets="attn", r=4, alpha=8)
+    randomize_lora(model, std=0.3)
+    options = whisper.DecodingOptions(language="bo", without_timestamps=True, sample_len=6, fp16=False)
+    mel = mel_batch()
+    with_lora = whisper.decode(model, mel, options)[0]  # whisper's own KV-cache path, hooks on LoRALinear
+    merged = merge_and_unload(model, "default")
+    plain = whisper.decode(merged, mel, options)[0]
+    assert len(with_lora.tokens) > 0 and with_lora.tokens == plain.tokens
+    torch.testing.assert_close(torch.tensor(with_lora.avg_logprob), torch.tensor(plain.avg_logprob),
+                               rtol=1e-4, atol=1e-4)
