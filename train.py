@@ -1,0 +1,435 @@
+"""Fine-tune Whisper on dialects, languages or domains: full fine-tuning or LoRA, one loop, top to bottom.
+
+    python train.py                                  # the offline demo: LoRA on Whisper base, synthetic Tibetan
+    python train.py --mode lora --dialect amdo       # one adapter for one dialect
+    python train.py --mode full --dialect balanced --model tiny --data openpecha
+    python train.py --resume runs/2026-12-02_1700    # continue exactly where a run stopped
+
+Every flag has a default; `--config FILE.json` supplies values for any of them, flags on the command line
+win. The resolved configuration is written to RUN_DIR/config.json, and everything the run writes
+(checkpoints, the adapter or model, TensorBoard events, the results table) lives under RUN_DIR.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from data.collate import Collator, SpeechDataset, make_loader
+from data.samplers import DialectSampler
+from data.sources import DIALECTS, load_examples
+from lora.adapters import save_adapter, set_active_adapter
+from lora.inject import count_parameters, describe_trainable, lora_modules, mark_only_lora_trainable
+from lora.rank import STRATEGIES, apply_rank_strategy
+from whisper_ft import checkpoint as ckpt
+from whisper_ft.augment import add_augment_args, augment_from_args
+from whisper_ft.encoder import enable_dynamic_audio_ctx
+from whisper_ft.evaluation import evaluate_systems, format_table, write_results
+from whisper_ft.models import ModelSpecError, export_openai, fingerprint, load_model
+from whisper_ft.specaugment import add_specaugment_args, make_generator, specaugment_from_args
+from whisper_ft.text import resolve_language
+from whisper_ft.training import (ProgressLog, build_optimizer, enable_grad_checkpointing, lr_at, peak_memory_mb,
+                                 resolve_amp, select_dialects)
+
+RESUME_OVERRIDABLE = ("max_steps", "epochs", "eval_every", "save_every", "num_workers")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON file of flag values (flags given here override it)")
+    p.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="offline:base", help="base model spec (see whisper_ft/models.py)")
+    g.add_argument("--data", default="demo", help="data source: demo, openpecha, hf:NAME, or a manifest path")
+    g.add_argument("--language", default="bo", help="language token to train and decode with")
+    g.add_argument("--dialect", default="balanced",
+                   help="amdo|kham|utsang|a,b (balanced over those)|balanced (all, equal)|all (natural mix)")
+    g.add_argument("--sampling", default=None, choices=["balanced", "proportional", "temperature", "natural"],
+                   help="override how dialects are mixed (default follows --dialect)")
+    g.add_argument("--temperature", type=float, default=1.0, help="for --sampling temperature: p ~ n^(1/T)")
+    g.add_argument("--samples", type=int, default=None, help="training samples per epoch (default: all rows)")
+    g.add_argument("--strict", action="store_true", help="any bad data row is an error before training")
+    g.add_argument("--num-workers", type=int, default=0)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--mode", default="lora", choices=["lora", "full"])
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--batch-size", type=int, default=8, help="clips per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 lora, 1e-5 full)")
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--freeze-encoder", action="store_true")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU")
+    g.add_argument("--audio-ctx", default="full",
+                   help="full (30 s windows, as the research), auto (crop to the batch), or a frame count")
+    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", default="qv", help="qv | attn | all-linear | comma-separated regexes")
+    g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--rank-strategy", default="fixed", choices=STRATEGIES)
+    g.add_argument("--rank-spec", default=None, help="mixed: e.g. encoder=8,decoder=32")
+    g.add_argument("--warmup-r", type=int, default=None, help="warmup: the high rank trained first")
+    g.add_argument("--switch-step", type=int, default=None, help="warmup: step at which to truncate to r")
+    g = p.add_argument_group("augmentation (training only)")
+    add_specaugment_args(g)
+    add_augment_args(g)
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (0: only at start and end)")
+    g.add_argument("--eval-samples", type=int, default=None, help="test clips per dialect (default: all)")
+    g.add_argument("--eval-batch-size", type=int, default=16)
+    g.add_argument("--beam-size", type=int, default=1)
+    g.add_argument("--no-base-eval", action="store_true", help="skip scoring the untrained base at step 0")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=2)
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--report-memory", action="store_true", help="run a few steps, print peak memory, exit")
+
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    known, _ = first.parse_known_args(argv)
+    if known.config:
+        try:
+            with open(known.config) as f:
+                values = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--config {known.config}: {e}")
+        unknown = set(values) - {a.dest for a in p._actions}
+        if unknown:
+            p.error(f"--config {known.config}: unknown keys {sorted(unknown)}")
+        p.set_defaults(**values)
+    args = p.parse_args(argv)
+    args.explicit = {a.dest for a in p._actions if any(s in (argv or sys.argv[1:]) for s in a.option_strings)}
+    return args
+
+
+def resume_config(args) -> argparse.Namespace:
+    """The saved config of RUN_DIR, with only the flags that may change on resume taken from the command line."""
+    path = os.path.join(args.resume, "config.json")
+    if not os.path.isfile(path):
+        sys.exit(f"error: --resume {args.resume}: no config.json there (is it a run directory?)")
+    with open(path) as f:
+        saved = json.load(f)
+    for key in RESUME_OVERRIDABLE:
+        if key in args.explicit:
+            saved[key] = getattr(args, key)
+    saved["resume"], saved["out"] = args.resume, args.resume
+    return argparse.Namespace(**saved)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.resume:
+        args = resume_config(args)
+    explicit = vars(args).pop("explicit", set())
+    run_dir = args.out or os.path.join("runs", time.strftime("%Y-%m-%d_%H%M%S"))
+    args.out = run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    config = {k: v for k, v in sorted(vars(args).items())}
+    config["argv"] = sys.argv[1:] if argv is None else list(argv)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+    # -- device, precision ------------------------------------------------------------------------
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    amp_dtype, use_scaler = resolve_amp(args.amp, device)
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype) if amp_dtype else nullcontext()
+    torch.manual_seed(args.seed)
+
+    # -- model ------------------------------------------------------------------------------------
+    model = load_model(args.model, device)
+    base_fp = fingerprint(model)
+    language = resolve_language(args.language)
+    tokenizer = _tokenizer(model, language)
+    adapter_name = args.dialect if args.dialect in DIALECTS else "default"
+    rank_hook = None
+    if args.mode == "lora":
+        targets = args.lora_targets if "," not in args.lora_targets and "\\" not in args.lora_targets \
+            else args.lora_targets.split(",")
+        strategy_args = {k: v for k, v in dict(spec=args.rank_spec, warmup_r=args.warmup_r,
+                                                switch_step=args.switch_step).items() if v is not None}
+        if args.rank_strategy == "dynamic":
+            strategy_args["total_steps"] = None  # filled in once the step count is known
+        model_kw = dict(name=adapter_name, targets=targets, r=args.lora_r, alpha=args.lora_alpha,
+                        dropout=args.lora_dropout, rslora=args.rslora)
+    else:
+        for p_ in model.parameters():
+            p_.requires_grad_(True)
+        if args.freeze_encoder:
+            model.encoder.requires_grad_(False)
+    dynamic_ctx = args.audio_ctx != "full"
+    if dynamic_ctx:
+        enable_dynamic_audio_ctx(model)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model)
+
+    # -- data -------------------------------------------------------------------------------------
+    train_examples, report = load_examples(args.data, "train", language=language, strict=args.strict)
+    print(report.summary())
+    include, mode = select_dialects(args.dialect, args.sampling, sorted({e.dialect for e in train_examples}))
+    sampler = DialectSampler([e.dialect for e in train_examples], mode=mode, include=include,
+                             num_samples=args.samples, temperature=args.temperature, seed=args.seed)
+    wave_augment = augment_from_args(args)
+    wave_augment = wave_augment if wave_augment.enabled else None
+    spec_augment = specaugment_from_args(args)
+    n_mels = model.dims.n_mels
+    audio_ctx = args.audio_ctx if args.audio_ctx in ("full", "auto") else int(args.audio_ctx)
+    dataset = SpeechDataset(train_examples, n_mels=n_mels, wave_augment=wave_augment, seed=args.seed)
+    collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
+    loader = make_loader(dataset, sampler, collator, args.batch_size, num_workers=args.num_workers)
+    test_examples, test_report = load_examples(args.data, "test", language=language)
+    test_examples = _limit_per_dialect(test_examples, args.eval_samples)
+    eval_dataset = SpeechDataset(test_examples, n_mels=n_mels)  # never augmented
+    eval_collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
+
+    per_epoch = math.ceil(len(sampler) / args.batch_size / args.grad_accum)
+    total_steps = args.max_steps or per_epoch * args.epochs
+    if args.mode == "lora":
+        if args.rank_strategy == "dynamic":
+            strategy_args["total_steps"] = total_steps
+        rank_hook = apply_rank_strategy(model, args.rank_strategy, **model_kw, **strategy_args)
+        model.to(device)
+        mark_only_lora_trainable(model)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, int(0.05 * total_steps))
+    peak_lr = args.lr or (1e-3 if args.mode == "lora" else 1e-5)
+    optimizer = build_optimizer(model, peak_lr, args.weight_decay, device)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_scaler)
+    trainable, total = count_parameters(model)
+
+    print(f"model {args.model} ({base_fp}) on {device}, precision {amp_dtype or torch.float32}, mode {args.mode}")
+    print(describe_trainable(model))
+    print(f"data {args.data}: {len(train_examples)} train rows, dialects {include} sampled {mode}, "
+          f"{len(sampler)} samples/epoch; {len(test_examples)} test clips; audio ctx {args.audio_ctx}")
+    print(f"{total_steps} steps of {args.batch_size}x{args.grad_accum} clips, lr {peak_lr:g}, run dir {run_dir}")
+
+    # -- state, resume ----------------------------------------------------------------------------
+    step, epoch, consumed, bad_in_row, skipped = 0, 0, 0, 0, 0
+    history = {}
+    if args.resume and ckpt.latest_checkpoint(run_dir):
+        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+        if rank_hook is not None and "rank_hook" in state:
+            rank_hook.load_state_dict(state["rank_hook"])
+        model.load_state_dict(state["model"], strict=False)
+        optimizer = build_optimizer(model, peak_lr, args.weight_decay, device)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        skipped, history = state["skipped"], json.loads(state["history"])
+        ckpt.set_rng_state(state["rng"])
+        print(f"resumed {run_dir} at step {step} (epoch {epoch}, {consumed} samples into it)")
+
+    from torch.utils.tensorboard import SummaryWriter
+    tb = SummaryWriter(os.path.join(run_dir, "tb"))
+    log = ProgressLog(total_steps, initial=step)
+
+    def training_state():
+        # LoRA runs keep only the adapter tensors: the frozen base is reloaded from --model on resume.
+        model_state = {k: v for k, v in model.state_dict().items() if args.mode == "full" or "lora_" in k}
+        state = dict(model=model_state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                     step=step, epoch=epoch, consumed=consumed, skipped=skipped, rng=boundary_rng,
+                     sampler=sampler.state_dict(), history=json.dumps(history), base_fingerprint=base_fp)
+        if rank_hook is not None:
+            state["rank_hook"] = rank_hook.state_dict()
+        return state
+
+    def systems():
+        """What evaluation compares: the untouched base and the model being trained."""
+        if args.mode == "lora":
+            return {"base": lambda d: set_active_adapter(model, None),
+                    "trained": lambda d: set_active_adapter(model, adapter_name)}
+        return {"trained": lambda d: None}
+
+    def evaluate(names):
+        model.eval()
+        chosen = {k: v for k, v in systems().items() if k in names}
+        results, _ = evaluate_systems(model, eval_dataset, eval_collator, tokenizer, chosen, language=language,
+                                      batch_size=args.eval_batch_size, beam_size=args.beam_size, device=device)
+        if args.mode == "lora":
+            set_active_adapter(model, adapter_name)
+        model.train()
+        return results
+
+    # -- the loop ---------------------------------------------------------------------------------
+    model.train()
+    boundary_rng = ckpt.rng_state()
+    if step == 0 and not args.no_base_eval and not args.report_memory:
+        base_results = evaluate(["base"] if args.mode == "lora" else ["trained"])
+        history["base"] = base_results.get("base", base_results.get("trained"))
+        _log_eval(tb, "base", history["base"], 0)
+    stop = {"signal": None}
+    signal.signal(signal.SIGINT, lambda s, f: stop.update(signal="SIGINT"))
+    signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
+    t_last, samples_since, audio_since = time.time(), 0, 0.0
+    micro = 0
+    loss_accum = 0.0
+    done = step >= total_steps
+    while not done:
+        sampler.set_epoch(epoch, start=consumed)
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            consumed = min(consumed + args.batch_size, len(sampler))
+            if batch is None:  # every clip of this batch failed to load (counted by the dataset)
+                continue
+            batch = batch.to(device)
+            mel = batch.mel
+            if spec_augment.enabled:
+                # seeded by (step, micro-step): the same masks after a resume, different ones each step
+                gen = make_generator(args.seed, step, micro % args.grad_accum)  # CPU: same masks on any device
+                mel = spec_augment(mel, batch.n_frames, gen)
+            with autocast:
+                logits = model(mel, batch.decoder_input)
+                loss = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, ignore_index=-100)
+                if rank_hook is not None and hasattr(rank_hook, "regularizer"):
+                    loss = loss + rank_hook.regularizer()
+            # The loss is averaged within a micro-batch; dividing by grad_accum makes the step average them all.
+            scaler.scale(loss / args.grad_accum).backward()
+            loss_accum += loss.item() / args.grad_accum
+            micro += 1
+            samples_since += len(batch.ids)
+            audio_since += float(batch.n_frames.sum()) / 100
+            if micro % args.grad_accum:
+                continue
+
+            # -- optimizer step ---------------------------------------------------------------------
+            lr = lr_at(step, total_steps, peak_lr, warmup, args.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p_ for p_ in model.parameters() if p_.requires_grad], args.clip if args.clip > 0 else float("inf"))
+            if not math.isfinite(loss_accum) or not torch.isfinite(grad_norm):
+                bad_in_row += 1
+                skipped += 1
+                print(f"step {step}: non-finite loss/gradient ({loss_accum}), step skipped "
+                      f"({bad_in_row} in a row, {skipped} in total)")
+                tb.add_scalar("train/skipped_steps", skipped, step)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                loss_accum = 0.0
+                if bad_in_row >= args.max_bad_steps:
+                    _save(run_dir, training_state(), step, args)
+                    sys.exit(f"error: {bad_in_row} non-finite steps in a row at step {step}: lower --lr, use "
+                             f"--amp fp32 or --clip 1.0; the last good state is checkpointed in {run_dir}")
+                continue
+            bad_in_row = 0
+            scaler.step(optimizer)
+            scaler.update()
+            if rank_hook is not None and rank_hook.update_and_allocate(step):
+                optimizer = build_optimizer(model, peak_lr, args.weight_decay, device)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            boundary_rng = ckpt.rng_state()
+
+            if step % args.log_every == 0:
+                dt = max(time.time() - t_last, 1e-9)
+                tb.add_scalar("train/loss", loss_accum, step)
+                tb.add_scalar("train/lr", lr, step)
+                tb.add_scalar("train/grad_norm", float(grad_norm), step)
+                tb.add_scalar("train/loss_scale", scaler.get_scale() if use_scaler else 1.0, step)
+                tb.add_scalar("perf/samples_per_s", samples_since / dt, step)
+                tb.add_scalar("perf/audio_s_per_s", audio_since / dt, step)
+                tb.add_scalar("perf/peak_memory_mb", peak_memory_mb(device), step)
+                if rank_hook is not None and hasattr(rank_hook, "current_ranks"):
+                    for name, r in rank_hook.current_ranks().items():
+                        tb.add_scalar(f"rank/{name}", r, step)
+                log.update(step, loss_accum, lr, samples_since / dt)
+                t_last, samples_since, audio_since = time.time(), 0, 0.0
+            loss_accum = 0.0
+
+            if args.report_memory and step >= 3:
+                print(f"peak memory after {step} steps: {peak_memory_mb(device):.0f} MB "
+                      f"({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
+                return {}
+            if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+                history[f"step{step}"] = evaluate(["trained"])["trained"]
+                _log_eval(tb, "trained", history[f"step{step}"], step)
+            if args.save_every and step % args.save_every == 0:
+                _save(run_dir, training_state(), step, args)
+            if stop["signal"]:
+                _save(run_dir, training_state(), step, args)
+                print(f"{stop['signal']}: saved step {step}; continue with: python train.py --resume {run_dir}")
+                sys.exit(130)
+            if step >= total_steps:
+                done = True
+                break
+        else:
+            epoch, consumed = epoch + 1, 0
+            if epoch >= args.epochs and not args.max_steps:
+                done = True
+    log.close()
+
+    # -- the result -------------------------------------------------------------------------------
+    _save(run_dir, training_state(), step, args)
+    if args.mode == "lora":
+        save_adapter(model, os.path.join(run_dir, "adapter.safetensors"), adapter_name, base_fingerprint=base_fp,
+                     metadata={"config": config, "dialect": args.dialect, "steps": step})
+    else:
+        export_openai(model, os.path.join(run_dir, "model.pt"))
+    final = evaluate(["trained"])["trained"]
+    _log_eval(tb, "trained", final, step)
+    results = {"base": history["base"], "trained": final} if "base" in history else {"trained": final}
+    write_results(run_dir, results, meta={"config": config, "trainable_params": trainable, "total_params": total,
+                                          "steps": step, "skipped_steps": skipped})
+    tb.add_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))},
+                   {"final/macro_cer": final["_macro"]["cer"]}, run_name="hparams")
+    tb.close()
+    print(format_table(results))
+    print(f"wrote {run_dir}/results.json and results.md")
+    return results
+
+
+def _save(run_dir, state, step, args):
+    ckpt.save_checkpoint(run_dir, state, step, keep_last=args.keep_last)
+
+
+def _log_eval(tb, system, result, step):
+    for dialect, m in result.items():
+        for metric in ("cer", "wer", "ser"):
+            if m.get(metric) is not None:
+                tb.add_scalar(f"eval_{system}/{dialect}/{metric}", m[metric], step)
+    if "_examples" in result:
+        tb.add_text(f"eval_{system}/examples", result["_examples"], step)
+
+
+def _limit_per_dialect(examples, n):
+    if not n:
+        return examples
+    seen = {}
+    kept = []
+    for e in examples:
+        seen[e.dialect] = seen.get(e.dialect, 0) + 1
+        if seen[e.dialect] <= n:
+            kept.append(e)
+    return kept
+
+
+def _tokenizer(model, language):
+    import whisper
+    return whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
+                                           language=language, task="transcribe")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ModelSpecError as e:
+        sys.exit(f"error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: CUDA out of memory: lower --batch-size (keep the effective batch with --grad-accum), "
+                 "add --grad-checkpointing, --freeze-encoder or --audio-ctx auto")
