@@ -17,6 +17,8 @@ def tiny_dims(n_mels=80, n_layer=2, n_state=64, n_head=2, n_vocab=51865):
 def make_tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
     model = Whisper(tiny_dims(**kw))
+    # openai-whisper leaves the decoder's learned positions as torch.empty (they come from checkpoints)
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
     model.eval()
     return model
 
