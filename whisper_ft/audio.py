@@ -19,11 +19,13 @@ MAX_SECONDS = N_SAMPLES / SAMPLE_RATE
 
 
 class AudioError(ValueError):
-    """A clip that cannot be used; the message names the clip and the reason."""
+    """A clip that cannot be used; the message names the clip and the reason.
 
-    def __init__(self, path, reason: str):
-        self.path = path
-        self.reason = reason
+    kind is a stable key for counting: unreadable, empty, non_finite, silent, too_long.
+    """
+
+    def __init__(self, path, reason: str, kind: str = "unreadable"):
+        self.path, self.reason, self.kind = path, reason, kind
         super().__init__(f"{path}: {reason}")
 
 
@@ -55,13 +57,14 @@ def read_audio(path) -> np.ndarray:
 def check_waveform(wav: np.ndarray, name="<array>") -> None:
     """Raise AudioError(reason) for a clip Whisper cannot learn from: empty, non-finite, silent, > 30 s."""
     if wav.size == 0:
-        raise AudioError(name, "empty audio (0 samples)")
+        raise AudioError(name, "empty audio (0 samples)", "empty")
     if not np.all(np.isfinite(wav)):
-        raise AudioError(name, "non-finite samples (NaN or inf)")
+        raise AudioError(name, "non-finite samples (NaN or inf)", "non_finite")
     if float(np.max(np.abs(wav))) < 1e-4:  # about -80 dBFS: digital silence or a dead microphone
-        raise AudioError(name, "silent audio (peak below 1e-4)")
+        raise AudioError(name, "silent audio (peak below 1e-4)", "silent")
     if wav.size > N_SAMPLES:
-        raise AudioError(name, f"longer than 30 s ({wav.size / SAMPLE_RATE:.1f} s): Whisper sees one 30 s window")
+        raise AudioError(name, f"longer than 30 s ({wav.size / SAMPLE_RATE:.1f} s): Whisper sees one 30 s window",
+                         "too_long")
 
 
 def n_frames_of(num_samples: int) -> int:
