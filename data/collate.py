@@ -6,7 +6,7 @@ so masks fall on real frames only.
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch

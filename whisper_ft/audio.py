@@ -46,12 +46,19 @@ def to_16k_mono(wav: np.ndarray, sr: int) -> np.ndarray:
 def read_audio(path) -> np.ndarray:
     """Read a file path (or raw encoded bytes) to float32 mono 16 kHz; AudioError if unreadable."""
     name = "<bytes>" if isinstance(path, (bytes, bytearray)) else os.fspath(path)
+    if not isinstance(path, (bytes, bytearray)) and not os.path.isfile(name):
+        raise AudioError(name, "unreadable audio: file not found")
     try:
         src = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else name
         wav, sr = sf.read(src, dtype="float32", always_2d=False)
     except Exception as e:  # libsndfile raises several types (LibsndfileError, RuntimeError, OSError)
-        raise AudioError(name, f"unreadable audio ({type(e).__name__}: {e})") from None
+        raise AudioError(name, f"unreadable audio: {sndfile_reason(e, name)}") from None
     return to_16k_mono(wav, sr)
+
+
+def sndfile_reason(e: Exception, name: str) -> str:
+    """libsndfile's message without the path it repeats ("Error opening '/x.wav': Format not recognised.")."""
+    return str(e).replace(f"Error opening {name!r}: ", "").strip() or type(e).__name__
 
 
 def check_waveform(wav: np.ndarray, name="<array>") -> None:
