@@ -252,14 +252,20 @@ def _load_openpecha(local, split, *, cache_dir, min_grade, report, language, map
             table = kept
         rows.extend(table[:max_rows] if max_rows is not None else table)
     cache = Path(cache_dir) if cache_dir else default_cache_dir() / "openpecha_audio"
+    lens = [float(r["audio_len"]) for r in rows if r.get("audio_len") not in (None, "")]
+    # audio_len is seconds; if most clips claim > 30 s the column must be in milliseconds
+    scale = 1e-3 if lens and np.median(lens) > 30 else 1.0
+    if scale != 1.0:
+        log.warning("openpecha audio_len looks like milliseconds (median %.0f); dividing by 1000", np.median(lens))
     examples = []
     for r in rows:
         dur = r.get("audio_len")
+        dur = float(dur) * scale if dur not in (None, "") else None
         examples.append(Example(id=str(r.get("file_name") or r["url"]), audio=str(r["url"]),
                                 text=str(r.get(text_column or "uni") or ""),
                                 dialect=mapping.get(str(r.get(dialect_column or "dept") or ""),
                                                     str(r.get(dialect_column or "dept") or "")),
-                                language=language, duration=float(dur) if dur not in (None, "") else None))
+                                language=language, duration=dur))
     # fetch only what validation will keep on metadata alone (long clips are not downloaded at all)
     fetch = [e for e in examples if not (e.duration is not None and e.duration > 30.0)]
     failed = fetch_all(fetch, cache)
@@ -361,7 +367,7 @@ def _load_hf(rest: str, split: str, *, language, mapping, text_column, dialect_c
         where = target
     else:
         name, _, config = target.partition(":")
-        rows = _hub_rows(name, config or None, split, audio=True)
+        rows = _hub_rows(name, config or None, split)
         where = f"hf:{target}"
     if max_rows is not None:
         rows = rows[:max_rows]
@@ -453,7 +459,7 @@ def _undecoded(ds):
     return ds
 
 
-def _hub_rows(name: str, config, split: str, audio=False) -> list[dict]:
+def _hub_rows(name: str, config, split: str) -> list[dict]:
     """A Hub dataset's split as rows; fails within seconds when the Hub is unreachable."""
     try:
         import datasets

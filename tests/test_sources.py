@@ -197,6 +197,10 @@ def test_openpecha_parquet_downloads_once_into_cache(tmp_path, server):
     assert [e.audio for e in good2] == [e.audio for e in good]
     assert [h for h in server.hits[hits_before:] if h[0] != "/clips/gone.wav"] == []  # nothing re-downloaded
     assert DEPT_TO_DIALECT["STT_AM"] == "amdo" and DEPT_TO_DIALECT["KH_AB"] == "kham"
+    few, rep = load_examples(f"openpecha:{tmp_path / 'op.parquet'}", cache_dir=cache, max_rows=2)
+    assert [e.id for e in few] == ["STT_AB_0", "STT_AM_1"] and rep.total == 2
+    with pytest.raises(DataError, match="download failed"):
+        load_examples(f"openpecha:{tmp_path / 'op.parquet'}", cache_dir=cache, strict=True)
 
 
 def test_interrupted_download_resumes_with_range(tmp_path, server):
