@@ -6,9 +6,9 @@ A reader can see the dialect differences directly:
     >>> [pronounce("རྟ", d) for d in ("utsang", "amdo", "kham")]      # horse
     ['ta˥', 'ʁta', 'ta˥']
     >>> [pronounce("འཐུང", d) for d in ("utsang", "amdo", "kham")]    # drink
-    ['tʰũ˥ŋ', 'ŋtʰõŋ', 'ntʰũ˥']
+    ['tʰũ˥ŋ', 'ŋtʰõŋ', 'ntʰũ˥']
 
-`python -m data.lexicon` prints the whole table (word, gloss, three pronunciations).
+(bophono writes nasal vowels decomposed, a + U+0303.) `python -m data.lexicon` prints the whole table (word, gloss, three pronunciations).
 
 Where the pronunciations come from
 - Utsang: bophono's Standard (Lhasa) Tibetan IPA (schema MST, after Tournadre's Manual of Standard
@@ -29,7 +29,7 @@ Words whose MST and CAT parses do not align syllable by syllable are not in the 
 (`check_lexicon` enforces it; the tests call it).
 
 Words are written in Tibetan script and joined with the tsheg (་); a sentence carries no final shad,
-so a transcript holds only the spoken syllables. The vocabulary (~110 words) and the grammar below
+so a transcript holds only the spoken syllables. The vocabulary (100 words, ~2100 sentences) and the grammar below
 were written for this corpus; no corpus text was copied.
 """
 import functools

@@ -1,6 +1,6 @@
 """The offline multi-dialect demo corpus: synthetic Tibetan speech in three dialects, built on the machine.
 
-What it is. Short Tibetan-script sentences (2-5 words from a ~100-word lexicon and a small SOV grammar
+What it is. Short Tibetan-script sentences (3-5 words from a 100-word lexicon and a small SOV grammar
 written for this project, see data/lexicon.py), each spoken in one of three dialect pronunciations:
 Utsang from bophono's Standard/Lhasa IPA, Amdo from bophono's Amdo IPA, Kham from our own documented
 rule set between the two. The IPA is read by espeak-ng (data/espeak.py) with seeded speaker, rate
@@ -257,7 +257,13 @@ def _write_clips(tmp, clips, workers):
 
     workers = max(1, min(workers, os.cpu_count() or 1))
     with espeak.SynthPool(workers) as pool, concurrent.futures.ThreadPoolExecutor(workers) as threads:
-        return list(threads.map(one, clips))  # map keeps clip order, so manifests are deterministic
+        futures = [threads.submit(one, clip) for clip in clips]
+        try:
+            return [f.result() for f in futures]  # in clip order, so manifests are deterministic
+        except BaseException:
+            for f in futures:  # stop at the first failure instead of finishing the corpus
+                f.cancel()
+            raise
 
 
 def main(argv=None):
