@@ -488,7 +488,8 @@ def probe_hub(name: str, *, endpoint: str | None = None, timeout: float = HUB_TI
     except RepositoryNotFoundError:
         raise SourceError(f"hf:{name}: no such dataset on the Hub (or it is gated: log in with `hf auth login`)") from None
     except Exception as e:  # requests/httpx connection errors differ between hub versions
-        if "401" in str(e) or "403" in str(e):
+        status = getattr(getattr(e, "response", None), "status_code", None)  # not str(e): it holds addresses
+        if status in (401, 403):
             raise SourceError(f"hf:{name}: access denied ({e}); accept its terms on the Hub and log in") from None
         raise SourceError(f"hf:{name}: Hugging Face Hub unreachable after {time.monotonic() - t0:.1f} s "
                           f"({type(e).__name__}); {OFFLINE_HINT}") from None
