@@ -6,6 +6,7 @@ import whisper
 from whisper.decoding import DecodingOptions
 
 from conftest import make_tiny_model
+from whisper_ft import decoding
 from whisper_ft.decoding import Hypothesis, decode, is_looping, score_hypotheses
 from whisper_ft.encoder import enable_dynamic_audio_ctx, encode
 
@@ -65,7 +66,14 @@ def assert_same(ours, theirs):
         assert best.compression_ratio == pytest.approx(ref.compression_ratio)
 
 
-def test_batched_greedy_matches_whisper_decode(tokenizer, mels):
+@pytest.fixture(params=[None, 0.0, 1.01], ids=["default", "compact-always", "compact-never"])
+def compaction(request, monkeypatch):
+    """Finished rows are dropped from the batch lazily; results must not depend on when."""
+    if request.param is not None:
+        monkeypatch.setattr(decoding, "COMPACT_FRACTION", request.param)
+
+
+def test_batched_greedy_matches_whisper_decode(tokenizer, mels, compaction):
     model = lively_model()
     ours = decode(model, mels, tokenizer, max_tokens=MAX, loop_guard=False)
     theirs = whisper_one_by_one(model, mels)
@@ -103,7 +111,7 @@ def test_precomputed_audio_features_give_the_same_result(tokenizer, mels):
     assert [h[0].tokens for h in a] == [h[0].tokens for h in b]
 
 
-def test_beam_search_matches_whisper_beam_search(tokenizer, mels):
+def test_beam_search_matches_whisper_beam_search(tokenizer, mels, compaction):
     model = lively_model()
     ours = decode(model, mels, tokenizer, beam_size=5, nbest=5, max_tokens=MAX, loop_guard=False)
     theirs = whisper_one_by_one(model, mels, beam_size=5)
@@ -189,6 +197,7 @@ def test_score_hypotheses_with_suppression_reproduces_decode_logprobs(tokenizer,
 
 def test_bad_arguments_are_named(tokenizer, mels):
     model = lively_model()
+    assert decode(model, mels[:0], tokenizer) == []
     with pytest.raises(ValueError, match="nbest"):
         decode(model, mels, tokenizer, nbest=2)
     with pytest.raises(ValueError, match="frames"):

@@ -27,6 +27,10 @@ COMPRESSION_RATIO_THRESHOLD = 2.4  # whisper's transcribe() treats text above th
 LOOP_MIN_SPAN = 32  # tokens: a periodic tail this long, ...
 LOOP_MIN_REPEATS = 3  # ... holding at least this many copies of its period, is a loop
 LOOP_MAX_PERIOD = 16
+# Finished rows stay in the batch (fed end-of-text, their output ignored, as whisper does) until they
+# are this fraction of it: compacting copies every live row's cache, which costs about two decoder
+# steps per row at a 30 s context, so dropping one row at a time would cost more than it saves.
+COMPACT_FRACTION = 1 / 8
 
 
 @dataclass
@@ -131,10 +135,15 @@ class _Cache:
 
     def __init__(self, model):
         self.kv, self.hooks = model.install_kv_cache_hooks()
+        self.self_attn = {m for b in model.decoder.blocks for m in (b.attn.key, b.attn.value)}
 
-    def select(self, rows: torch.Tensor) -> None:
+    def select(self, rows: torch.Tensor, self_attn_only: bool = False) -> None:
+        """Keep/reorder batch rows. Beam reordering within a clip only needs the self-attention
+        entries (a clip's cross-attention rows are identical), as in whisper; dropping rows needs all,
+        and the cross-attention ones dominate (n_audio_ctx x n_state x 2 per layer and row)."""
         for module in self.kv:
-            self.kv[module] = self.kv[module][rows]
+            if not self_attn_only or module in self.self_attn:
+                self.kv[module] = self.kv[module][rows]
 
     def close(self) -> None:
         for h in self.hooks:
@@ -165,9 +174,13 @@ def decode(model, mel: Optional[torch.Tensor], tokenizer, *, beam_size: int = 1,
     if audio_features is None:
         if mel is None:
             raise ValueError("pass mel or audio_features")
+        if mel.ndim == 3 and mel.shape[0] == 0:
+            return []
         audio_features = audio_features_for(model, mel)
     else:
         audio_features = audio_features.to(model.device, _model_dtype(model))
+    if audio_features.shape[0] == 0:
+        return []
     prefix = _prefix(tokenizer, timestamps)
     # whisper also stops when the whole context is full
     max_tokens = min(max_tokens, model.dims.n_text_ctx - len(prefix))
@@ -191,7 +204,8 @@ def _greedy(model, xa, tokenizer, prefix, filters, _beam_size, _nbest, max_token
     eot = tokenizer.eot
     device = xa.device
     tokens = torch.tensor([prefix] * n, device=device)
-    rows = torch.arange(n, device=device)  # clip index of each row still decoding
+    rows = torch.arange(n, device=device)  # clip index of each batch row
+    alive = [True] * n  # per batch row: still decoding
     sum_logprobs = torch.zeros(n, device=device)
     out_tokens: List[List[int]] = [[] for _ in range(n)]
     looped = [False] * n
@@ -204,27 +218,30 @@ def _greedy(model, xa, tokenizer, prefix, filters, _beam_size, _nbest, max_token
             filters.apply(logits, tokens)
             next_tokens = logits.argmax(dim=-1)
             logprobs = F.log_softmax(logits.float(), dim=-1)
-            sum_logprobs[rows] += logprobs.gather(1, next_tokens[:, None])[:, 0]
+            lp = logprobs.gather(1, next_tokens[:, None])[:, 0]
+            alive_t = torch.tensor(alive, device=device)
+            sum_logprobs[rows] += torch.where(alive_t, lp, torch.zeros_like(lp))
+            next_tokens = torch.where(alive_t, next_tokens, torch.full_like(next_tokens, eot))
             tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
 
-            keep = []
             for r, (i, t) in enumerate(zip(rows.tolist(), next_tokens.tolist())):
+                if not alive[r]:
+                    continue
                 if t == eot:
-                    ended[i] = True
+                    ended[i], alive[r] = True, False
                     continue
                 out_tokens[i].append(t)
                 if loop_guard and len(out_tokens[i]) >= 8 and is_looping(out_tokens[i],
                                                                          tokenizer.decode(out_tokens[i])):
-                    looped[i] = True
-                    continue
-                keep.append(r)
-            if not keep:
+                    looped[i], alive[r] = True, False
+            n_alive = sum(alive)
+            if n_alive == 0:
                 break
-            if len(keep) < len(rows):
-                # finished rows leave the batch: every later step runs on live sequences only
-                keep_t = torch.tensor(keep, device=device)
-                cache.select(keep_t)
-                xa, rows, tokens, next_tokens = xa[keep_t], rows[keep_t], tokens[keep_t], next_tokens[keep_t]
+            if len(alive) - n_alive >= COMPACT_FRACTION * len(alive):
+                keep = torch.tensor([r for r, a in enumerate(alive) if a], device=device)
+                cache.select(keep)
+                xa, rows, tokens, next_tokens = xa[keep], rows[keep], tokens[keep], next_tokens[keep]
+                alive = [True] * n_alive
             x = next_tokens[:, None]
     finally:
         cache.close()
@@ -249,7 +266,7 @@ def _beam(model, xa, tokenizer, prefix, filters, beam_size, nbest, max_tokens, l
     xa = xa.repeat_interleave(beam_size, dim=0)
     tokens = torch.tensor([prefix] * (n * beam_size), device=device)
     sum_logprobs = torch.zeros(n * beam_size, device=device)
-    clips = list(range(n))  # clip index of each live group of beam_size rows
+    groups: List[Optional[int]] = list(range(n))  # clip of each group of beam_size rows; None: done
     finished = [dict() for _ in range(n)]  # clip -> {token tuple incl. prefix: sum_logprob}
     loops = [set() for _ in range(n)]  # finished sequences that were stopped as loops
     cache = _Cache(model)
@@ -265,73 +282,83 @@ def _beam(model, xa, tokenizer, prefix, filters, beam_size, nbest, max_tokens, l
             top_tok = top_tok.tolist()
             prev = tokens.tolist()
 
-            next_seqs, sources, next_scores, live_groups = [], [], [], []
-            for g, clip in enumerate(clips):
-                scores, source = {}, {}
-                for j in range(beam_size):
-                    idx = g * beam_size + j
-                    for score, tok in zip(cand_scores[idx], top_tok[idx]):
-                        seq = tuple(prev[idx] + [tok])
-                        scores[seq] = score
-                        source[seq] = idx
-                saved, new_finished, kept = 0, {}, []
-                for seq in sorted(scores, key=scores.get, reverse=True):
-                    if seq[-1] == eot:
-                        new_finished[seq] = scores[seq]
-                    elif loop_guard and len(seq) - p >= 8 and is_looping(
-                            seq[p:], tokenizer.decode(list(seq[p:]))):
-                        new_finished[seq] = scores[seq]
-                        loops[clip].add(seq)
-                    else:
-                        kept.append(seq)
-                        saved += 1
-                        if saved == beam_size:
+            next_seqs, sources, next_scores = [], [], []
+            for g, clip in enumerate(groups):
+                rows_g = range(g * beam_size, (g + 1) * beam_size)
+                if clip is not None:
+                    scores, source = {}, {}
+                    for idx in rows_g:
+                        for score, tok in zip(cand_scores[idx], top_tok[idx]):
+                            seq = tuple(prev[idx] + [tok])
+                            scores[seq] = score
+                            source[seq] = idx
+                    saved, new_finished, kept = 0, {}, []
+                    for seq in sorted(scores, key=scores.get, reverse=True):
+                        if seq[-1] == eot:
+                            new_finished[seq] = scores[seq]
+                        elif loop_guard and len(seq) - p >= 8 and is_looping(
+                                seq[p:], tokenizer.decode(list(seq[p:]))):
+                            new_finished[seq] = scores[seq]
+                            loops[clip].add(seq)
+                        else:
+                            kept.append(seq)
+                            saved += 1
+                            if saved == beam_size:
+                                break
+                    for seq in sorted(new_finished, key=new_finished.get, reverse=True):
+                        if len(finished[clip]) >= beam_size:
                             break
-                for seq in sorted(new_finished, key=new_finished.get, reverse=True):
-                    if len(finished[clip]) >= beam_size:
-                        break
-                    finished[clip][seq] = new_finished[seq]
-                if len(finished[clip]) >= beam_size or len(kept) < beam_size:
-                    # a full finished list ends the clip (a clip can only run short of live
-                    # candidates when every proposal finished, which also fills its list)
-                    continue
-                live_groups.append(clip)
-                next_seqs.extend(kept)
-                sources.extend(source[s] for s in kept)
-                next_scores.extend(scores[s] for s in kept)
-            if not live_groups:
-                clips = []
+                        finished[clip][seq] = new_finished[seq]
+                    # a clip can only run short of live candidates when nearly all of them finished,
+                    # which also fills its finished list
+                    if len(finished[clip]) < beam_size and len(kept) == beam_size:
+                        next_seqs.extend(kept)
+                        sources.extend(source[s] for s in kept)
+                        next_scores.extend(scores[s] for s in kept)
+                        continue
+                    groups[g] = None
+                # a done clip idles in place (fed end-of-text) until the batch is compacted
+                next_seqs.extend(tuple(prev[idx] + [eot]) for idx in rows_g)
+                sources.extend(rows_g)
+                next_scores.extend(0.0 for _ in rows_g)
+            n_live = sum(c is not None for c in groups)
+            if n_live == 0:
                 break
             src = torch.tensor(sources, device=device)
-            cache.select(src)  # reorder beams and drop finished clips in one gather
-            xa = xa[src]
             tokens = torch.tensor(next_seqs, device=device)
             sum_logprobs = torch.tensor(next_scores, device=device)
-            clips = live_groups
+            if len(groups) - n_live >= COMPACT_FRACTION * len(groups):
+                live = [g for g, c in enumerate(groups) if c is not None]
+                keep = torch.tensor([g * beam_size + j for g in live for j in range(beam_size)], device=device)
+                # reorder, then drop done clips' rows everywhere (cross-attention rows included)
+                cache.select(src[keep])
+                xa, tokens, sum_logprobs = xa[keep], tokens[keep], sum_logprobs[keep]
+                groups = [groups[g] for g in live]
+            else:
+                cache.select(src, self_attn_only=True)  # reorder beams within their clips
             x = tokens[:, -1:]
     finally:
         cache.close()
 
     # clips cut by max_tokens: top up with their best live beams, as whisper's finalize()
     truncated = [set() for _ in range(n)]
-    if clips:
-        scores_now = sum_logprobs.view(len(clips), beam_size).cpu()
-        seqs_now = tokens.view(len(clips), beam_size, -1).tolist()
-        for g, clip in enumerate(clips):
-            for j in scores_now[g].argsort(descending=True, stable=True).tolist():
-                if len(finished[clip]) >= beam_size:
-                    break
-                seq = tuple(seqs_now[g][j])
-                finished[clip][seq + (eot,)] = scores_now[g][j].item()
-                truncated[clip].add(seq + (eot,))
+    scores_now = sum_logprobs.view(len(groups), beam_size).cpu()
+    seqs_now = tokens.view(len(groups), beam_size, -1).tolist()
+    for g, clip in enumerate(groups):
+        if clip is None:
+            continue
+        for j in scores_now[g].argsort(descending=True, stable=True).tolist():
+            if len(finished[clip]) >= beam_size:
+                break
+            seq = tuple(seqs_now[g][j]) + (eot,)
+            finished[clip][seq] = scores_now[g][j].item()
+            truncated[clip].add(seq)
 
     results = []
     for clip in range(n):
         hyps = []
         for seq, score in finished[clip].items():
             text_tokens = list(seq[p:])
-            if text_tokens and text_tokens[-1] == eot:
-                text_tokens = text_tokens[:-1]
             if eot in text_tokens:  # whisper slices at the first end-of-text
                 text_tokens = text_tokens[: text_tokens.index(eot)]
             rank = score / _penalty(len(text_tokens), length_penalty)
