@@ -10,6 +10,7 @@ win. The resolved configuration is written to RUN_DIR/config.json, and everythin
 (checkpoints, the adapter or model, TensorBoard events, the results table) lives under RUN_DIR.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="offline:base", help="base model spec (see whisper_ft/models.py)")
     g.add_argument("--data", default="demo", help="data source: demo, openpecha, hf:NAME, or a manifest path")
+    g.add_argument("--eval-data", default=None, help="test source (default: --data's test split)")
     g.add_argument("--language", default="bo", help="language token to train and decode with")
     g.add_argument("--dialect", default="balanced",
                    help="amdo|kham|utsang|a,b (balanced over those)|balanced (all, equal)|all (natural mix)")
@@ -193,13 +195,14 @@ def main(argv=None) -> dict:
     dataset = SpeechDataset(train_examples, n_mels=n_mels, wave_augment=wave_augment, seed=args.seed)
     collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
     loader = make_loader(dataset, sampler, collator, args.batch_size, num_workers=args.num_workers)
-    test_examples, test_report = load_examples(args.data, "test", language=language)
+    test_examples, test_report = load_examples(args.eval_data or args.data, "test", language=language)
+    print(test_report.summary())
     test_examples = _limit_per_dialect(test_examples, args.eval_samples)
     eval_dataset = SpeechDataset(test_examples, n_mels=n_mels)  # never augmented
     eval_collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
 
-    per_epoch = math.ceil(len(sampler) / args.batch_size / args.grad_accum)
-    total_steps = args.max_steps or per_epoch * args.epochs
+    micro_per_epoch = math.ceil(len(sampler) / args.batch_size)
+    total_steps = args.max_steps or math.ceil(micro_per_epoch * args.epochs / args.grad_accum)
     if args.mode == "lora":
         if args.rank_strategy == "dynamic":
             strategy_args["total_steps"] = total_steps
@@ -276,102 +279,77 @@ def main(argv=None) -> dict:
     signal.signal(signal.SIGINT, lambda s, f: stop.update(signal="SIGINT"))
     signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
     t_last, samples_since, audio_since = time.time(), 0, 0.0
-    micro = 0
-    loss_accum = 0.0
-    done = step >= total_steps
-    while not done:
-        sampler.set_epoch(epoch, start=consumed)
-        dataset.set_epoch(epoch)
-        for batch in loader:
-            consumed = min(consumed + args.batch_size, len(sampler))
-            if batch is None:  # every clip of this batch failed to load (counted by the dataset)
-                continue
-            batch = batch.to(device)
-            mel = batch.mel
-            if spec_augment.enabled:
-                # seeded by (step, micro-step): the same masks after a resume, different ones each step
-                gen = make_generator(args.seed, step, micro % args.grad_accum)  # CPU: same masks on any device
-                mel = spec_augment(mel, batch.n_frames, gen)
-            with autocast:
-                logits = model(mel, batch.decoder_input)
-                loss = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, ignore_index=-100)
-                if rank_hook is not None and hasattr(rank_hook, "regularizer"):
-                    loss = loss + rank_hook.regularizer()
-            # The loss is averaged within a micro-batch; dividing by grad_accum makes the step average them all.
-            scaler.scale(loss / args.grad_accum).backward()
-            loss_accum += loss.item() / args.grad_accum
-            micro += 1
-            samples_since += len(batch.ids)
-            audio_since += float(batch.n_frames.sum()) / 100
-            if micro % args.grad_accum:
-                continue
+    stream = micro_batches(loader, sampler, dataset, epoch, consumed, args.batch_size,
+                           None if args.max_steps else args.epochs)
+    while step < total_steps:
+        group = list(itertools.islice(stream, args.grad_accum))  # this step's micro-batches
+        if not group:
+            break  # the last epoch ended
+        batches = [b for _, _, b in group]
+        loss = accumulate(model, batches, autocast=autocast, scaler=scaler, spec_augment=spec_augment,
+                          seed=args.seed, step=step, device=device,
+                          regularizer=getattr(rank_hook, "regularizer", None))
+        samples_since += sum(len(b) for b in batches)
+        audio_since += sum(float(b.n_frames.sum()) for b in batches) / 100
 
-            # -- optimizer step ---------------------------------------------------------------------
-            lr = lr_at(step, total_steps, peak_lr, warmup, args.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p_ for p_ in model.parameters() if p_.requires_grad], args.clip if args.clip > 0 else float("inf"))
-            if not math.isfinite(loss_accum) or not torch.isfinite(grad_norm):
-                bad_in_row += 1
-                skipped += 1
-                print(f"step {step}: non-finite loss/gradient ({loss_accum}), step skipped "
-                      f"({bad_in_row} in a row, {skipped} in total)")
-                tb.add_scalar("train/skipped_steps", skipped, step)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                loss_accum = 0.0
-                if bad_in_row >= args.max_bad_steps:
-                    _save(run_dir, training_state(), step, args)
-                    sys.exit(f"error: {bad_in_row} non-finite steps in a row at step {step}: lower --lr, use "
-                             f"--amp fp32 or --clip 1.0; the last good state is checkpointed in {run_dir}")
-                continue
-            bad_in_row = 0
-            scaler.step(optimizer)
-            scaler.update()
-            if rank_hook is not None and rank_hook.update_and_allocate(step):
-                optimizer = build_optimizer(model, peak_lr, args.weight_decay, device)
+        # -- optimizer step -----------------------------------------------------------------------
+        lr = lr_at(step, total_steps, peak_lr, warmup, args.schedule)
+        for group_ in optimizer.param_groups:
+            group_["lr"] = lr
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p_ for p_ in model.parameters() if p_.requires_grad], args.clip if args.clip > 0 else float("inf"))
+        epoch, consumed = group[-1][0], group[-1][1]  # the data position after this step
+        if not math.isfinite(loss) or not torch.isfinite(grad_norm):
+            bad_in_row, skipped = bad_in_row + 1, skipped + 1
+            print(f"step {step}: non-finite loss/gradient ({loss}), step skipped "
+                  f"({bad_in_row} in a row, {skipped} in total)")
+            tb.add_scalar("train/skipped_steps", skipped, step)
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            boundary_rng = ckpt.rng_state()
-
-            if step % args.log_every == 0:
-                dt = max(time.time() - t_last, 1e-9)
-                tb.add_scalar("train/loss", loss_accum, step)
-                tb.add_scalar("train/lr", lr, step)
-                tb.add_scalar("train/grad_norm", float(grad_norm), step)
-                tb.add_scalar("train/loss_scale", scaler.get_scale() if use_scaler else 1.0, step)
-                tb.add_scalar("perf/samples_per_s", samples_since / dt, step)
-                tb.add_scalar("perf/audio_s_per_s", audio_since / dt, step)
-                tb.add_scalar("perf/peak_memory_mb", peak_memory_mb(device), step)
-                if rank_hook is not None and hasattr(rank_hook, "current_ranks"):
-                    for name, r in rank_hook.current_ranks().items():
-                        tb.add_scalar(f"rank/{name}", r, step)
-                log.update(step, loss_accum, lr, samples_since / dt)
-                t_last, samples_since, audio_since = time.time(), 0, 0.0
-            loss_accum = 0.0
-
-            if args.report_memory and step >= 3:
-                print(f"peak memory after {step} steps: {peak_memory_mb(device):.0f} MB "
-                      f"({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
-                return {}
-            if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-                history[f"step{step}"] = evaluate(["trained"])["trained"]
-                _log_eval(tb, "trained", history[f"step{step}"], step)
-            if args.save_every and step % args.save_every == 0:
+            scaler.update()  # with fp16 this lowers the loss scale, which is often the cure
+            if bad_in_row >= args.max_bad_steps:
                 _save(run_dir, training_state(), step, args)
-            if stop["signal"]:
-                _save(run_dir, training_state(), step, args)
-                print(f"{stop['signal']}: saved step {step}; continue with: python train.py --resume {run_dir}")
-                sys.exit(130)
-            if step >= total_steps:
-                done = True
-                break
-        else:
-            epoch, consumed = epoch + 1, 0
-            if epoch >= args.epochs and not args.max_steps:
-                done = True
+                tb.close()
+                raise SystemExit(f"error: {bad_in_row} non-finite steps in a row at step {step}: lower --lr, use "
+                                 f"--amp fp32 or --clip 1.0; the last good state is checkpointed in {run_dir}")
+            continue
+        bad_in_row = 0
+        scaler.step(optimizer)
+        scaler.update()
+        if rank_hook is not None and rank_hook.update_and_allocate(step):
+            optimizer = build_optimizer(model, peak_lr, args.weight_decay, device)  # the adapter tensors changed
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        boundary_rng = ckpt.rng_state()
+
+        if step % args.log_every == 0:
+            dt = max(time.time() - t_last, 1e-9)
+            tb.add_scalar("train/loss", loss, step)
+            tb.add_scalar("train/lr", lr, step)
+            tb.add_scalar("train/grad_norm", float(grad_norm), step)
+            tb.add_scalar("train/loss_scale", scaler.get_scale() if use_scaler else 1.0, step)
+            tb.add_scalar("perf/samples_per_s", samples_since / dt, step)
+            tb.add_scalar("perf/audio_s_per_s", audio_since / dt, step)
+            tb.add_scalar("perf/peak_memory_mb", peak_memory_mb(device), step)
+            for name, r in (rank_hook.current_ranks().items() if rank_hook is not None else ()):
+                tb.add_scalar(f"rank/{name}", r, step)
+            log.update(step, loss, lr, samples_since / dt)
+            t_last, samples_since, audio_since = time.time(), 0, 0.0
+
+        if args.report_memory and step >= 3:
+            print(f"peak memory after {step} steps: {peak_memory_mb(device):.0f} MB "
+                  f"({'CUDA allocated' if device.startswith('cuda') else 'process RSS'})")
+            return {}
+        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
+            history[f"step{step}"] = evaluate(["trained"])["trained"]
+            _log_eval(tb, "trained", history[f"step{step}"], step)
+        if args.save_every and step % args.save_every == 0:
+            _save(run_dir, training_state(), step, args)
+        if stop["signal"]:
+            _save(run_dir, training_state(), step, args)
+            tb.close()
+            print(f"{stop['signal']}: saved step {step}; continue with: python train.py --resume {run_dir}")
+            raise SystemExit(130)
     log.close()
 
     # -- the result -------------------------------------------------------------------------------
@@ -394,12 +372,57 @@ def main(argv=None) -> dict:
     return results
 
 
+def micro_batches(loader, sampler, dataset, epoch, consumed, batch_size, epochs):
+    """Yield (epoch, consumed, batch) from (epoch, consumed) on: the data position *after* each batch.
+
+    The sampler's order is a pure function of (seed, epoch), so a resume only needs that position.
+    Batches whose clips all failed to load are passed over (their samples still count as consumed).
+    """
+    while epochs is None or epoch < epochs:
+        sampler.set_epoch(epoch, start=consumed)
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            consumed = min(consumed + batch_size, len(sampler))
+            position = (epoch + 1, 0) if consumed >= len(sampler) else (epoch, consumed)
+            if batch is not None:
+                yield (*position, batch)
+        epoch, consumed = epoch + 1, 0
+
+
+def accumulate(model, batches, *, autocast, scaler, spec_augment=None, seed=0, step=0, device="cpu",
+               regularizer=None) -> float:
+    """Forward and backward over one optimizer step's micro-batches; returns the step's loss.
+
+    The loss is the mean over every target token of the step, not a mean of per-micro-batch means:
+    micro-batches hold different numbers of tokens, and only this makes 4x2 equal to a batch of 8.
+    """
+    n_tokens = max(1, sum(int((b.targets != -100).sum()) for b in batches))
+    total = 0.0
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        mel = batch.mel
+        if spec_augment is not None and spec_augment.enabled:
+            # seeded by (step, micro-step), on the CPU: the same masks after a resume and on any device
+            mel = spec_augment(mel, batch.n_frames, make_generator(seed, step, i))
+        with autocast:
+            logits = model(mel, batch.decoder_input)
+        loss = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, ignore_index=-100,
+                               reduction="sum") / n_tokens
+        if regularizer is not None:
+            loss = loss + regularizer() / len(batches)
+        scaler.scale(loss).backward()
+        total += loss.item()
+    return total
+
+
 def _save(run_dir, state, step, args):
     ckpt.save_checkpoint(run_dir, state, step, keep_last=args.keep_last)
 
 
 def _log_eval(tb, system, result, step):
     for dialect, m in result.items():
+        if not isinstance(m, dict) or dialect == "_micro":
+            continue
         for metric in ("cer", "wer", "ser"):
             if m.get(metric) is not None:
                 tb.add_scalar(f"eval_{system}/{dialect}/{metric}", m[metric], step)

@@ -151,6 +151,8 @@ def make_loader(dataset, sampler, collator, batch_size: int, num_workers: int = 
     copy of the dataset carrying the epoch set by dataset.set_epoch (augmentation seeds depend on it).
     Batches may be None when every clip of a batch failed to load: skip them."""
     kw = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
+    # A private generator: each new DataLoader iterator draws a base seed from it, and drawing it from the
+    # global RNG instead would shift dropout after a mid-epoch resume (which creates an extra iterator).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
-                      num_workers=num_workers, drop_last=drop_last,
+                      num_workers=num_workers, drop_last=drop_last, generator=torch.Generator().manual_seed(0),
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, **kw)

@@ -62,9 +62,11 @@ def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, lang
     results = {}
     for system in systems:
         rows = [r for r in records if r["system"] == system]
-        for r in rows:
-            r.update(metrics.score_utterance(r["ref"], r["hyp"], language))
-        results[system] = metrics.aggregate(rows, language=language)
+        # scored as one corpus so the word segmenter (botok for Tibetan) is set up once per system
+        scored = metrics.score_corpus([r["ref"] for r in rows], [r["hyp"] for r in rows], language)
+        for r, u in zip(rows, scored["utterances"]):
+            r.update({k: v for k, v in u.items() if k not in r})
+        results[system] = metrics.aggregate(rows)
         results[system]["_examples"] = "\n\n".join(f"ref: {r['ref']}  \nhyp: {r['hyp']}" for r in rows[:n_examples])
     return results, records
 

@@ -1,0 +1,199 @@
+"""train.py on tiny dims: it learns, accumulation is exact, resume after SIGKILL is bitwise, failures are safe."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from conftest import make_corpus, make_tiny_model
+from data.collate import Collator, SpeechDataset
+from data.sources import load_examples
+from lora.inject import add_lora, mark_only_lora_trainable
+from whisper_ft import checkpoint as ckpt
+from whisper_ft.models import export_openai
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    export_openai(make_tiny_model(), d / "tiny.pt")
+    make_corpus(d / "corpus", n_per_dialect=4, n_test=1)
+    return d
+
+
+def _args(setup, out, *extra):
+    return ["--model", str(setup / "tiny.pt"), "--data", str(setup / "corpus"), "--out", str(out),
+            "--dialect", "all", "--eval-batch-size", "4", *map(str, extra)]
+
+
+def _scalars(run_dir):
+    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("mode,lr", [("full", "1e-3"), ("lora", "1e-2")])
+def test_loss_falls_when_overfitting_8_clips(setup, tmp_path, mode, lr):
+    out = tmp_path / mode
+    train.main(_args(setup, out, "--mode", mode, "--lr", lr, "--dialect", "amdo,kham", "--samples", 8,
+                     "--batch-size", 8, "--grad-accum", 1, "--max-steps", 25, "--warmup-steps", 1,
+                     "--schedule", "constant", "--lora-r", 8, "--lora-targets", "attn", "--no-base-eval"))
+    losses = [e.value for e in _scalars(out).Scalars("train/loss")]
+    assert len(losses) == 25
+    assert losses[-1] < 0.5 * losses[0], losses
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["trained"]) >= {"amdo", "kham", "utsang", "_macro"}  # every test dialect scored
+    assert (out / ("adapter.safetensors" if mode == "lora" else "model.pt")).is_file()
+
+
+def test_tensorboard_has_the_listed_tags(setup, tmp_path):
+    out = tmp_path / "tb"
+    train.main(_args(setup, out, "--max-steps", 2, "--batch-size", 2, "--grad-accum", 1, "--eval-every", 1))
+    acc = _scalars(out)
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/loss_scale", "perf/samples_per_s",
+                "perf/audio_s_per_s", "perf/peak_memory_mb", "eval_base/amdo/cer", "eval_trained/kham/cer",
+                "eval_trained/_macro/cer"):
+        assert tag in tags, (tag, sorted(tags))
+    assert any(t.startswith("eval_") for t in acc.Tags()["tensors"])  # reference/hypothesis text pairs
+    assert os.path.isdir(out / "tb" / "hparams")
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_steps"] == 2 and config["mode"] == "lora"
+
+
+def _batches(setup, sizes):
+    import whisper
+    examples, _ = load_examples(str(setup / "corpus"), "train")
+    tok = whisper.tokenizer.get_tokenizer(True, language="bo", task="transcribe")
+    ds, col = SpeechDataset(examples), Collator(tok)
+    items = [ds[i] for i in range(sum(sizes))]
+    out, start = [], 0
+    for n in sizes:
+        out.append(col(items[start:start + n]))
+        start += n
+    return out
+
+
+def _grads(model, batches):
+    model.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.accumulate(model, batches, autocast=train.nullcontext(), scaler=scaler)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grad_accumulation_4x2_equals_batch_8(setup):
+    model = make_tiny_model()
+    add_lora(model, r=4, targets="attn")
+    for m in model.modules():  # a nonzero B, so gradients reach A as well
+        if hasattr(m, "lora_B"):
+            for p in m.lora_B.values():
+                torch.nn.init.normal_(p, std=0.1)
+    mark_only_lora_trainable(model)
+    model.train()
+    (big,) = _batches(setup, [8])
+    small = _batches(setup, [4, 4])
+    tokens = [int((b.targets != -100).sum()) for b in small]
+    assert tokens[0] != tokens[1]  # uneven micro-batches: a mean of means would not match
+    g8, g42 = _grads(model, [big]), _grads(model, small)
+    assert g8.keys() == g42.keys() and len(g8) > 0
+    for name in g8:
+        torch.testing.assert_close(g42[name], g8[name], rtol=1e-4, atol=1e-7)
+
+
+def _run(setup, out, *extra, kill_at=None):
+    """Run train.py in a subprocess; with kill_at, SIGKILL it once its checkpoint for that step exists."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if kill_at is None:
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output
+        return output
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        latest = ckpt.latest_checkpoint(out)
+        if latest and int(latest.rsplit("-", 1)[1].split(".")[0]) >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return None
+
+
+def test_resume_after_sigkill_twice_is_bitwise(setup, tmp_path):
+    # LoRA with dropout, SpecAugment and speed perturbation: every source of randomness must resume exactly.
+    common = ["--data", str(setup / "corpus"), "--dialect", "all", "--epochs", "3", "--batch-size", "2",
+              "--grad-accum", "1", "--save-every", "1", "--lora-dropout", "0.1", "--specaugment", "LD",
+              "--speed-perturb", "0.9,1.0,1.1", "--no-base-eval", "--eval-samples", "1"]
+    steps_per_epoch = 6  # 12 training clips / batch 2
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    _run(setup, ref, "--model", str(setup / "tiny.pt"), *common, "--out", str(ref))
+    _run(setup, cut, "--model", str(setup / "tiny.pt"), *common, "--out", str(cut), kill_at=steps_per_epoch + 2)
+    killed_at = ckpt.latest_checkpoint(cut)
+    _run(setup, cut, "--resume", str(cut), kill_at=2 * steps_per_epoch + 2)
+    assert ckpt.latest_checkpoint(cut) != killed_at
+    _run(setup, cut, "--resume", str(cut))
+    from safetensors.torch import load_file
+    a, b = load_file(ref / "adapter.safetensors"), load_file(cut / "adapter.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(cut))
+    assert state["step"] == 3 * steps_per_epoch
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    good = ckpt.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)}, 1)
+
+    def dies_halfway(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a crash while writing
+
+    monkeypatch.setattr(ckpt.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, {"step": 2}, 2)
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert torch.equal(ckpt.load_checkpoint(good)["w"], torch.ones(3))
+    assert os.listdir(tmp_path / "checkpoints") == [os.path.basename(good)]  # no temp file left behind
+
+
+def test_non_finite_loss_is_skipped_then_stops(setup, tmp_path, monkeypatch):
+    real = train.accumulate
+    calls = {"n": 0}
+
+    def nan_once(*a, **kw):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 2 else real(*a, **kw)
+
+    monkeypatch.setattr(train, "accumulate", nan_once)
+    out = tmp_path / "once"
+    train.main(_args(setup, out, "--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--no-base-eval"))
+    meta = json.loads((out / "results.json").read_text())["_meta"]
+    assert meta["skipped_steps"] == 1 and meta["steps"] == 3
+
+    monkeypatch.setattr(train, "accumulate", lambda *a, **kw: float("nan"))
+    out = tmp_path / "always"
+    with pytest.raises(SystemExit) as e:
+        train.main(_args(setup, out, "--max-steps", 10, "--batch-size", 2, "--max-bad-steps", 3, "--no-base-eval"))
+    assert "3 non-finite steps in a row" in str(e.value)
+    assert ckpt.latest_checkpoint(out) is not None  # the last good state is kept
+
+
+def test_bad_flags_give_clear_errors(setup, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(_args(setup, tmp_path / "x", "--dialect", "ladakhi", "--max-steps", 1))
+    assert "ladakhi" in str(e.value) and "amdo" in str(e.value)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"lr": 1e-3, "learning_rate": 1}))
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(bad)])
