@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
     eval_dataset = SpeechDataset(test_examples, n_mels=n_mels)  # never augmented
     eval_collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
 
-    micro_per_epoch = math.ceil(len(sampler) / args.batch_size)
+    micro_per_epoch = math.ceil(sampler.num_samples_per_epoch() / args.batch_size)
     total_steps = args.max_steps or math.ceil(micro_per_epoch * args.epochs / args.grad_accum)
     if args.mode == "lora":
         if args.rank_strategy == "dynamic":
@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
     print(f"model {args.model} ({base_fp}) on {device}, precision {amp_dtype or torch.float32}, mode {args.mode}")
     print(describe_trainable(model))
     print(f"data {args.data}: {len(train_examples)} train rows, dialects {include} sampled {mode}, "
-          f"{len(sampler)} samples/epoch; {len(test_examples)} test clips; audio ctx {args.audio_ctx}")
+          f"{sampler.num_samples_per_epoch()} samples/epoch; {len(test_examples)} test clips; audio ctx {args.audio_ctx}")
     print(f"{total_steps} steps of {args.batch_size}x{args.grad_accum} clips, lr {peak_lr:g}, run dir {run_dir}")
 
     # -- state, resume ----------------------------------------------------------------------------
@@ -381,9 +381,10 @@ def micro_batches(loader, sampler, dataset, epoch, consumed, batch_size, epochs)
     while epochs is None or epoch < epochs:
         sampler.set_epoch(epoch, start=consumed)
         dataset.set_epoch(epoch)
+        epoch_size = sampler.num_samples_per_epoch()  # global; len(sampler) is this rank's remainder
         for batch in loader:
-            consumed = min(consumed + batch_size, len(sampler))
-            position = (epoch + 1, 0) if consumed >= len(sampler) else (epoch, consumed)
+            consumed = min(consumed + batch_size, epoch_size)
+            position = (epoch + 1, 0) if consumed >= epoch_size else (epoch, consumed)
             if batch is not None:
                 yield (*position, batch)
         epoch, consumed = epoch + 1, 0
