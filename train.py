@@ -142,6 +142,9 @@ def main(argv=None) -> dict:
     explicit = vars(args).pop("explicit", set())
     run_dir = args.out or os.path.join("runs", time.strftime("%Y-%m-%d_%H%M%S"))
     args.out = run_dir
+    if not args.resume and ckpt.latest_checkpoint(run_dir):
+        raise SystemExit(f"error: --out {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                         "or choose another --out")
     os.makedirs(run_dir, exist_ok=True)
     config = {k: v for k, v in sorted(vars(args).items())}
     config["argv"] = sys.argv[1:] if argv is None else list(argv)
