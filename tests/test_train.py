@@ -197,3 +197,60 @@ def test_bad_flags_give_clear_errors(setup, tmp_path):
     bad.write_text(json.dumps({"lr": 1e-3, "learning_rate": 1}))
     with pytest.raises(SystemExit):
         train.main(["--config", str(bad)])
+
+
+def test_grad_checkpointing_gives_the_same_gradients(setup):
+    from whisper_ft.training import enable_grad_checkpointing
+    (batch,) = _batches(setup, [4])
+    plain = make_tiny_model()
+    plain.train()
+    ckpt_model = copy.deepcopy(plain)
+    enable_grad_checkpointing(ckpt_model)
+    g1, g2 = _grads(plain, [batch]), _grads(ckpt_model, [batch])
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_is_never_augmented(setup, tmp_path, monkeypatch):
+    import whisper
+    import whisper_ft.evaluation as ev
+    seen = []
+    real = ev.decode
+
+    def spy(model, mel, *a, **kw):
+        seen.append(mel.clone())
+        return real(model, mel, *a, **kw)
+
+    monkeypatch.setattr(ev, "decode", spy)
+    train.main(_args(setup, tmp_path / "aug", "--max-steps", 1, "--batch-size", 2, "--grad-accum", 1,
+                     "--specaugment", "LD", "--speed-perturb", "0.9,1.1", "--noise-snr", "5,10", "--aug-p", 1,
+                     "--no-base-eval"))
+    examples, _ = load_examples(str(setup / "corpus"), "test")
+    tok = whisper.tokenizer.get_tokenizer(True, language="bo", task="transcribe")
+    clean = [b for _, b in ev.eval_batches(SpeechDataset(examples), Collator(tok), 4)]
+    assert len(seen) == len(clean) > 0
+    for got, want in zip(seen, clean):
+        assert torch.equal(got, want.mel)
+
+
+def test_sigint_saves_a_resumable_checkpoint(setup, tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *_args(setup, out, "--epochs", 4, "--batch-size", 2,
+                                                                  "--grad-accum", 1, "--no-base-eval")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "tb").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the loop
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "--resume" in output
+    step = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["step"]
+    assert 0 < step < 24
+    with pytest.raises(SystemExit) as e:  # starting over the same directory would lose it
+        train.main(_args(setup, out, "--max-steps", 1))
+    assert "--resume" in str(e.value)
+    _run(setup, out, "--resume", str(out))
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["step"] == 24
