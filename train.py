@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.resume:
         args = resume_config(args)
-    explicit = vars(args).pop("explicit", set())
+    vars(args).pop("explicit", None)
     run_dir = args.out or os.path.join("runs", time.strftime("%Y-%m-%d_%H%M%S"))
     args.out = run_dir
     if not args.resume and ckpt.latest_checkpoint(run_dir):
@@ -229,6 +229,9 @@ def main(argv=None) -> dict:
     history = {}
     if args.resume and ckpt.latest_checkpoint(run_dir):
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+        if state["base_fingerprint"] != base_fp:
+            raise SystemExit(f"error: --resume {run_dir}: the run was trained on base {state['base_fingerprint']} but "
+                             f"--model {args.model} is now {base_fp}; restore the original model file")
         if rank_hook is not None and "rank_hook" in state:
             rank_hook.load_state_dict(state["rank_hook"])
         model.load_state_dict(state["model"], strict=False)
