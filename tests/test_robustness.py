@@ -202,6 +202,9 @@ def test_rescore_is_score_hypotheses_and_reorder_changes_nothing(model, tokenize
     lists = [texts, texts[::-1][:3]]
     sums = rescore(model, xa, tokenizer, lists, length_norm=False)
     assert sums == score_hypotheses(model, xa, tokenizer, [[tokenizer.encode(t) for t in l] for l in lists])
+    special = rescore(model, xa[:1], tokenizer, [["<|notimestamps|>ཀ"]], length_norm=False)
+    seq = [tokenizer.no_timestamps] + tokenizer.encode("ཀ")
+    assert special == score_hypotheses(model, xa[:1], tokenizer, [[seq]])
     means = rescore(model, xa, tokenizer, lists)
     assert means[0][1] == pytest.approx(sums[0][1] / (len(tokenizer.encode(texts[1])) + 1))
     for seed in range(3):

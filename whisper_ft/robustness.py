@@ -15,12 +15,12 @@ Definitions (one utterance; the lead's README copies this block):
 - Units. Tibetan ("bo"): syllables, the maximal runs of characters that are not whitespace, tsheg
   (U+0F0B, U+0F0C), shad marks (U+0F0D-U+0F12) or U+0F14. Japanese and Chinese ("ja", "zh", "yue"):
   single non-space characters. Every other language: whitespace-separated words. A text is read as
-  d_0 u_1 d_1 ... u_m d_m (delimiters d_j, possibly empty, around units u_j); perturbations change
-  units and never touch the other delimiters, and rejoin the rest unchanged.
+  d_0 u_1 d_1 ... u_m d_m (delimiters d_j, possibly empty, around units u_j); perturbations edit
+  units only (drop also removes one delimiter, below) and rejoin the rest unchanged.
 - Scores. Every hypothesis, original or perturbed, is a text t, re-tokenised as `tokenizer.encode(t)`
-  (the convention of the training targets, `text.target_tokens`; a text spelling a special token such
-  as "<|notimestamps|>" is encoded as plain text) and scored by teacher forcing with
-  `decoding.score_hypotheses` (the plain model distribution, no suppression, so a perturbed text that
+  (the convention of the training targets, `text.target_tokens`; the spelling of a special token,
+  which decode's text keeps for tokens such as <|notimestamps|>, is encoded as that token) and scored
+  by teacher forcing with `decoding.score_hypotheses` (the plain model distribution, no suppression, so a perturbed text that
   holds a symbol decode() would suppress still gets a finite score), end-of-text included, against the
   same audio features. The score is length-normalised: s(t) = log p(tokens(t), eot | prefix, audio) /
   (len(tokens(t)) + 1), the per-token mean as `Hypothesis.avg_logprob`. Why: whisper ranks its N-best by
@@ -286,14 +286,14 @@ def nbest_lists(model, mel: Optional[torch.Tensor], tokenizer, *, beam_size: int
 
 def rescore(model, audio_features: torch.Tensor, tokenizer, texts: Sequence[Sequence[str]], *,
             length_norm: bool = True) -> List[List[float]]:
-    """Score texts[b] (a list of strings) against clip b of audio_features: tokenizer.encode(text) (text
-    spelling a special token is encoded as plain text),
+    """Score texts[b] (a list of strings) against clip b of audio_features: tokenizer.encode(text) (a
+    special token's spelling, e.g. "<|notimestamps|>", encoded as that token),
     teacher-forced log-prob with end-of-text under the plain model, / (tokens + 1) when length_norm.
     Texts longer than the decoder context are cut to fit (prefix + tokens + eot <= n_text_ctx)."""
     room = model.dims.n_text_ctx - len(_prefix(tokenizer, False)) - 1
-    # disallowed_special=(): a decoded text can spell a special token ("<|notimestamps|>", from a
-    # token decode() does not suppress); it is text here, encoded as such instead of raising
-    seqs = [[tokenizer.encode(t, disallowed_special=())[:room] for t in clip] for clip in texts]
+    # allowed_special="all": a decoded text spells the special tokens decode() does not suppress (e.g.
+    # "<|notimestamps|>"); mapping the spelling back to the token re-tokenises such a text as decoded
+    seqs = [[tokenizer.encode(t, allowed_special="all")[:room] for t in clip] for clip in texts]
     sums = score_hypotheses(model, audio_features, tokenizer, seqs)
     if not length_norm:
         return sums
