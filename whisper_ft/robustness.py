@@ -20,9 +20,9 @@ Definitions (one utterance; the lead's README copies this block):
 - Scores. Every hypothesis, original or perturbed, is a text t, re-tokenised as `tokenizer.encode(t)`
   (the convention of the training targets, `text.target_tokens`; the spelling of a special token,
   which decode's text keeps for tokens such as <|notimestamps|>, is encoded as that token) and scored
-  by teacher forcing with `decoding.score_hypotheses` (the plain model distribution, no suppression, so a perturbed text that
-  holds a symbol decode() would suppress still gets a finite score), end-of-text included, against the
-  same audio features. The score is length-normalised: s(t) = log p(tokens(t), eot | prefix, audio) /
+  by teacher forcing with `decoding.score_hypotheses` (the plain model distribution, no suppression,
+  so a perturbed text that holds a symbol decode() would suppress still gets a finite score),
+  end-of-text included, against the same audio features. The score is length-normalised: s(t) = log p(tokens(t), eot | prefix, audio) /
   (len(tokens(t)) + 1), the per-token mean as `Hypothesis.avg_logprob`. Why: whisper ranks its N-best by
   length-normalised log-probability, so this asks about the ranking the system actually uses; a summed
   log-prob would reward a dropped syllable for the shortening alone. (`length_norm=False` gives the sum.)
@@ -66,7 +66,7 @@ Definitions (one utterance; the lead's README copies this block):
   `n_tau` count them), the mean `rank_of_best`, the max `score_drift`, `pick_cer` (micro) and
   `nprr_cer` = (pick_cer - cer_rescored) / cer_rescored, the relative CER degradation of rescoring
   under that perturbation (None when cer_rescored is 0). "_micro" pools all utterances; "_macro" is
-  the unweighted mean of the dialects' values.
+  the unweighted mean of the dialects' values (the max for score_drift).
 """
 import math
 import random
