@@ -35,10 +35,11 @@ from whisper_ft.evaluation import evaluate_systems, format_table, write_results
 from whisper_ft.models import ModelSpecError, export_openai, fingerprint, load_model
 from whisper_ft.specaugment import add_specaugment_args, make_generator, specaugment_from_args
 from whisper_ft.text import resolve_language
-from whisper_ft.training import (ProgressLog, build_optimizer, enable_grad_checkpointing, lr_at, peak_memory_mb,
-                                 resolve_amp, select_dialects)
+from whisper_ft.training import (NullWriter, ProgressLog, all_sum, build_optimizer, enable_grad_checkpointing,
+                                 init_distributed, lr_at, peak_memory_mb, resolve_amp, select_dialects)
 
-RESUME_OVERRIDABLE = ("max_steps", "epochs", "eval_every", "save_every", "num_workers")
+# batch_size may change on resume so a different world size can keep the same global batch
+RESUME_OVERRIDABLE = ("max_steps", "epochs", "eval_every", "save_every", "num_workers", "batch_size")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,19 +141,29 @@ def main(argv=None) -> dict:
     if args.resume:
         args = resume_config(args)
     vars(args).pop("explicit", None)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, world, local_rank = init_distributed(device)  # torchrun --nproc_per_node N train.py ...
+    is_main = rank == 0
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
     run_dir = args.out or os.path.join("runs", time.strftime("%Y-%m-%d_%H%M%S"))
+    if world > 1:  # every rank must write to rank 0's directory, even if their clocks crossed a second
+        shared = [run_dir]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
     args.out = run_dir
     if not args.resume and ckpt.latest_checkpoint(run_dir):
         raise SystemExit(f"error: --out {run_dir} already holds a run: continue it with --resume {run_dir}, "
                          "or choose another --out")
-    os.makedirs(run_dir, exist_ok=True)
     config = {k: v for k, v in sorted(vars(args).items())}
     config["argv"] = sys.argv[1:] if argv is None else list(argv)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    config["world_size"] = world
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
 
     # -- device, precision ------------------------------------------------------------------------
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     amp_dtype, use_scaler = resolve_amp(args.amp, device)
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype) if amp_dtype else nullcontext()
     torch.manual_seed(args.seed)
@@ -189,7 +200,8 @@ def main(argv=None) -> dict:
     print(report.summary())
     include, mode = select_dialects(args.dialect, args.sampling, sorted({e.dialect for e in train_examples}))
     sampler = DialectSampler([e.dialect for e in train_examples], mode=mode, include=include,
-                             num_samples=args.samples, temperature=args.temperature, seed=args.seed)
+                             num_samples=args.samples, temperature=args.temperature, seed=args.seed,
+                             rank=rank, world_size=world)
     wave_augment = augment_from_args(args)
     wave_augment = wave_augment if wave_augment.enabled else None
     spec_augment = specaugment_from_args(args)
@@ -204,7 +216,7 @@ def main(argv=None) -> dict:
     eval_dataset = SpeechDataset(test_examples, n_mels=n_mels)  # never augmented
     eval_collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
 
-    micro_per_epoch = math.ceil(sampler.num_samples_per_epoch() / args.batch_size)
+    micro_per_epoch = math.ceil(sampler.num_samples_per_epoch() / (args.batch_size * world))
     total_steps = args.max_steps or math.ceil(micro_per_epoch * args.epochs / args.grad_accum)
     if args.mode == "lora":
         if args.rank_strategy == "dynamic":
@@ -217,7 +229,9 @@ def main(argv=None) -> dict:
     optimizer = build_optimizer(model, peak_lr, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_scaler)
     trainable, total = count_parameters(model)
+    train_model = _ddp(model, device, world)
 
+    print(f"process {rank} of {world}; " if world > 1 else "", end="")
     print(f"model {args.model} ({base_fp}) on {device}, precision {amp_dtype or torch.float32}, mode {args.mode}")
     print(describe_trainable(model))
     print(f"data {args.data}: {len(train_examples)} train rows, dialects {include} sampled {mode}, "
@@ -244,7 +258,7 @@ def main(argv=None) -> dict:
         print(f"resumed {run_dir} at step {step} (epoch {epoch}, {consumed} samples into it)")
 
     from torch.utils.tensorboard import SummaryWriter
-    tb = SummaryWriter(os.path.join(run_dir, "tb"))
+    tb = SummaryWriter(os.path.join(run_dir, "tb")) if is_main else NullWriter()
     log = ProgressLog(total_steps, initial=step)
 
     def training_state():
@@ -265,6 +279,10 @@ def main(argv=None) -> dict:
         return {"trained": lambda d: None}
 
     def evaluate(names):
+        """Rank 0 evaluates while the others wait; all ranks get the same (rank 0's) results."""
+        if not is_main:
+            torch.distributed.barrier()
+            return {n: {} for n in names}
         model.eval()
         chosen = {k: v for k, v in systems().items() if k in names}
         results, _ = evaluate_systems(model, eval_dataset, eval_collator, tokenizer, chosen, language=language,
@@ -272,6 +290,8 @@ def main(argv=None) -> dict:
         if args.mode == "lora":
             set_active_adapter(model, adapter_name)
         model.train()
+        if world > 1:
+            torch.distributed.barrier()
         return results
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -285,16 +305,16 @@ def main(argv=None) -> dict:
     signal.signal(signal.SIGINT, lambda s, f: stop.update(signal="SIGINT"))
     signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
     t_last, samples_since, audio_since = time.time(), 0, 0.0
-    stream = micro_batches(loader, sampler, dataset, epoch, consumed, args.batch_size,
+    stream = micro_batches(loader, sampler, dataset, epoch, consumed, args.batch_size * world,
                            None if args.max_steps else args.epochs)
     while step < total_steps:
         group = list(itertools.islice(stream, args.grad_accum))  # this step's micro-batches
         if not group:
             break  # the last epoch ended
         batches = [b for _, _, b in group]
-        loss = accumulate(model, batches, autocast=autocast, scaler=scaler, spec_augment=spec_augment,
+        loss = accumulate(train_model, batches, autocast=autocast, scaler=scaler, spec_augment=spec_augment,
                           seed=args.seed, step=step, device=device,
-                          regularizer=getattr(rank_hook, "regularizer", None))
+                          regularizer=getattr(rank_hook, "regularizer", None), world=world)
         samples_since += sum(len(b) for b in batches)
         audio_since += sum(float(b.n_frames.sum()) for b in batches) / 100
 
@@ -314,7 +334,8 @@ def main(argv=None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             scaler.update()  # with fp16 this lowers the loss scale, which is often the cure
             if bad_in_row >= args.max_bad_steps:
-                _save(run_dir, training_state(), step, args)
+                if is_main:
+                    _save(run_dir, training_state(), step, args)
                 tb.close()
                 raise SystemExit(f"error: {bad_in_row} non-finite steps in a row at step {step}: lower --lr, use "
                                  f"--amp fp32 or --clip 1.0; the last good state is checkpointed in {run_dir}")
@@ -324,6 +345,7 @@ def main(argv=None) -> dict:
         scaler.update()
         if rank_hook is not None and rank_hook.update_and_allocate(step):
             optimizer = build_optimizer(model, peak_lr, args.weight_decay, device)  # the adapter tensors changed
+            train_model = _ddp(model, device, world)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         boundary_rng = ckpt.rng_state()
@@ -339,7 +361,8 @@ def main(argv=None) -> dict:
             tb.add_scalar("perf/peak_memory_mb", peak_memory_mb(device), step)
             for name, r in (rank_hook.current_ranks().items() if rank_hook is not None else ()):
                 tb.add_scalar(f"rank/{name}", r, step)
-            log.update(step, loss, lr, samples_since / dt)
+            if is_main:
+                log.update(step, loss, lr, samples_since / dt)
             t_last, samples_since, audio_since = time.time(), 0, 0.0
 
         if args.report_memory and step >= 3:
@@ -349,23 +372,27 @@ def main(argv=None) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step < total_steps:
             history[f"step{step}"] = evaluate(["trained"])["trained"]
             _log_eval(tb, "trained", history[f"step{step}"], step)
-        if args.save_every and step % args.save_every == 0:
+        if args.save_every and step % args.save_every == 0 and is_main:
             _save(run_dir, training_state(), step, args)
-        if stop["signal"]:
-            _save(run_dir, training_state(), step, args)
+        if all_sum(float(bool(stop["signal"])), world):  # any rank interrupted: all stop at this step
+            if is_main:
+                _save(run_dir, training_state(), step, args)
             tb.close()
             print(f"{stop['signal']}: saved step {step}; continue with: python train.py --resume {run_dir}")
             raise SystemExit(130)
     log.close()
 
     # -- the result -------------------------------------------------------------------------------
-    _save(run_dir, training_state(), step, args)
-    if args.mode == "lora":
-        save_adapter(model, os.path.join(run_dir, "adapter.safetensors"), adapter_name, base_fingerprint=base_fp,
-                     metadata={"config": config, "dialect": args.dialect, "steps": step})
-    else:
-        export_openai(model, os.path.join(run_dir, "model.pt"))
-    final = evaluate(["trained"])["trained"]
+    if is_main:
+        _save(run_dir, training_state(), step, args)
+        if args.mode == "lora":
+            save_adapter(model, os.path.join(run_dir, "adapter.safetensors"), adapter_name,
+                         base_fingerprint=base_fp, metadata={"config": config, "dialect": args.dialect, "steps": step})
+        else:
+            export_openai(model, os.path.join(run_dir, "model.pt"))
+    final = evaluate(["trained"])["trained"]  # other ranks wait here for rank 0
+    if not is_main:
+        return {}
     _log_eval(tb, "trained", final, step)
     results = {"base": history["base"], "trained": final} if "base" in history else {"trained": final}
     write_results(run_dir, results, meta={"config": config, "trainable_params": trainable, "total_params": total,
@@ -397,13 +424,15 @@ def micro_batches(loader, sampler, dataset, epoch, consumed, batch_size, epochs)
 
 
 def accumulate(model, batches, *, autocast, scaler, spec_augment=None, seed=0, step=0, device="cpu",
-               regularizer=None) -> float:
+               regularizer=None, world=1) -> float:
     """Forward and backward over one optimizer step's micro-batches; returns the step's loss.
 
     The loss is the mean over every target token of the step, not a mean of per-micro-batch means:
     micro-batches hold different numbers of tokens, and only this makes 4x2 equal to a batch of 8.
+    Under DDP the token count is summed over ranks and the loss multiplied by the world size, since DDP
+    averages gradients: 2 processes of batch B then equal one process of batch 2B.
     """
-    n_tokens = max(1, sum(int((b.targets != -100).sum()) for b in batches))
+    n_tokens = max(1, all_sum(sum(int((b.targets != -100).sum()) for b in batches), world))
     total = 0.0
     for i, batch in enumerate(batches):
         batch = batch.to(device)
@@ -411,15 +440,30 @@ def accumulate(model, batches, *, autocast, scaler, spec_augment=None, seed=0, s
         if spec_augment is not None and spec_augment.enabled:
             # seeded by (step, micro-step), on the CPU: the same masks after a resume and on any device
             mel = spec_augment(mel, batch.n_frames, make_generator(seed, step, i))
-        with autocast:
-            logits = model(mel, batch.decoder_input)
-        loss = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, ignore_index=-100,
-                               reduction="sum") / n_tokens
-        if regularizer is not None:
-            loss = loss + regularizer() / len(batches)
-        scaler.scale(loss).backward()
+        # DDP: gradients are all-reduced on the last micro-step only; earlier ones just accumulate locally.
+        sync = nullcontext() if world == 1 or i == len(batches) - 1 else model.no_sync()
+        with sync:
+            with autocast:
+                logits = model(mel, batch.decoder_input)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), batch.targets, ignore_index=-100,
+                                   reduction="sum") / n_tokens
+            if regularizer is not None:
+                loss = loss + regularizer() / len(batches)
+            scaler.scale(loss * world).backward()
         total += loss.item()
-    return total
+    return all_sum(total, world)
+
+
+def _ddp(model, device, world):
+    """The module the loop calls forward on: the model itself, or a DDP wrapper of it when world > 1."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    # Only parameters that require grad are synchronised (in LoRA mode, only the adapter). The alignment-head
+    # mask is a sparse buffer, which DDP cannot broadcast; it is identical on every rank anyway.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["alignment_heads"])
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
 
 
 def _save(run_dir, state, step, args):
@@ -458,6 +502,8 @@ def _tokenizer(model, language):
 if __name__ == "__main__":
     try:
         main()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except ModelSpecError as e:
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:

@@ -97,3 +97,43 @@ class ProgressLog:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def init_distributed(device: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group when started by torchrun (WORLD_SIZE > 1).
+
+    nccl on CUDA, gloo on CPU. A single process needs no process group at all.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, local
+
+
+def all_sum(value: float, world: int) -> float:
+    """Sum a Python number over all processes (identity in a single process)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+class NullWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0: they log nothing."""
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: None
