@@ -1,37 +1,56 @@
 """Decode test sets with several systems and write the per-dialect CER/WER table the research is written in.
 
     python evaluate.py --model offline:base --adapter amdo=runs/amdo/adapter.safetensors --data demo --out eval/
-    python evaluate.py --model tiny --checkpoint runs/full/model.pt --data openpecha --data ctrl.jsonl \
+    python evaluate.py --model tiny --checkpoint runs/full/model.pt --data bo=openpecha --data en=ctrl.jsonl \
         --language bo --language en --out eval/
 
 Systems in one run: `base`; each `--checkpoint` (a fully fine-tuned model, or a run directory holding model.pt);
 each `--adapter NAME=PATH` on the base; and `routed`, where each utterance is decoded with the adapter named
-after its own dialect (the base where there is none), so dialects without an adapter keep the base's accuracy.
+after its own dialect (or the one `--route DIALECT=NAME` picks; the base where there is none), so dialects
+without an adapter keep the base's accuracy by construction.
+
+With one `--data` source the rows are its dialects; with several, each row is `SOURCE/dialect`, where SOURCE
+is the name given as `--data NAME=SPEC` (default: the spec's file or directory name), and the table adds a
+macro-average row per source. Clips whose audio is missing or unreadable are skipped, counted per source and
+reported (printed, in results.md and in results.json's `_meta.skipped`); they never stop the run.
 Writes OUT/results.json, results.md, results.csv, results_cer.png and utterances.jsonl.
 """
 import argparse
 import os
+import re
 import sys
+from collections import Counter
+from pathlib import Path
 
 import torch
 import whisper
 
 from data.collate import Collator, SpeechDataset
-from data.sources import load_examples
+from data.sources import SourceError, load_examples
+from data.validate import DataError
 from lora.adapters import AdapterMismatchError, load_adapter, set_active_adapter
+from lora.layers import check_adapter_name
 from whisper_ft.encoder import enable_dynamic_audio_ctx
-from whisper_ft.evaluation import evaluate_systems, format_table, term_recall, write_chart, write_results
+from whisper_ft.evaluation import (evaluate_systems, format_table, format_terms, summarize, term_recall,
+                                   write_chart, write_results)
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
 from whisper_ft.text import resolve_language
+
+RESERVED = ("base", "routed")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="offline:base", help="base model spec (see whisper_ft/models.py)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="LoRA adapter file; repeatable")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="LoRA adapter file (or a train.py run directory holding adapter.safetensors); repeatable")
+    p.add_argument("--route", action="append", default=[], metavar="DIALECT=NAME",
+                   help="routed system: decode DIALECT with adapter NAME (default: the adapter named after the dialect)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
                    help="fully fine-tuned model (.pt, model spec, or a train.py run directory); repeatable")
-    p.add_argument("--data", action="append", default=None, help="test source; repeatable (default: demo)")
+    p.add_argument("--data", action="append", default=None, metavar="[NAME=]SOURCE",
+                   help="test source, optionally named; repeatable (default: demo)")
     p.add_argument("--language", action="append", default=None, help="one per --data, or one for all (default bo)")
     p.add_argument("--split", default="test")
     p.add_argument("--dialect", default=None, help="only these dialects (comma-separated)")
@@ -40,11 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--terms", help="file of domain terms, one per line: reports the recall of each per system")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--beam-size", type=int, default=1)
-    p.add_argument("--audio-ctx", default="full", help="full (30 s windows) or auto (crop to the batch)")
+    p.add_argument("--audio-ctx", default="full", help="full (30 s windows), auto (crop to the batch), or even frames")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output directory")
     return p.parse_args(argv)
 
+
+# --- command-line values, all checked before any model is loaded -----------------------------------
 
 def parse_adapters(values) -> dict:
     adapters = {}
@@ -52,12 +73,54 @@ def parse_adapters(values) -> dict:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"error: --adapter {v!r}: expected NAME=PATH, e.g. amdo=runs/amdo/adapter.safetensors")
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise SystemExit(f"error: --adapter {v!r}: {e}") from None
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter.safetensors")):
+            path = os.path.join(path, "adapter.safetensors")  # a train.py run directory
         if not os.path.isfile(path):
             raise SystemExit(f"error: --adapter {name}={path}: no such file")
-        if name in adapters or name in ("base", "routed"):
-            raise SystemExit(f"error: --adapter {name}: duplicate or reserved name")
+        if name in adapters or name in RESERVED:
+            raise SystemExit(f"error: --adapter {name}: duplicate or reserved name ({', '.join(RESERVED)} are systems)")
         adapters[name] = path
     return adapters
+
+
+def parse_routes(values, adapters: dict) -> dict:
+    routes = {}
+    for v in values:
+        dialect, sep, name = v.partition("=")
+        if not sep or not dialect or not name:
+            raise SystemExit(f"error: --route {v!r}: expected DIALECT=ADAPTER, e.g. amdo=amdo_r16")
+        if name not in adapters:
+            raise SystemExit(f"error: --route {v}: unknown adapter name {name!r}; the --adapter names are "
+                             f"{sorted(adapters) or 'none'}")
+        routes[dialect] = name
+    return routes
+
+
+def parse_data(values) -> list[tuple[str, str]]:
+    """[(name, spec)]: `NAME=SPEC` names a source; otherwise its name is the spec's file/directory stem."""
+    out = []
+    for v in values:
+        name, sep, spec = v.partition("=")
+        if not (sep and spec and _NAME.fullmatch(name)) or os.path.exists(v):
+            name, spec = _source_name(v), v
+        out.append((name, spec))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SystemExit(f"error: several --data sources are named {dup[0]!r}: name them, e.g. --data bo=... --data en=...")
+    return out
+
+
+def _source_name(spec: str) -> str:
+    if spec.startswith("hf:"):
+        return re.split(r"[:@]", spec[3:].rstrip("/"))[0].rstrip("/").rsplit("/", 1)[-1] or spec
+    if spec.startswith("openpecha"):
+        return "openpecha"
+    return Path(spec.rstrip("/")).stem or spec
 
 
 def checkpoint_spec(path: str) -> str:
@@ -65,95 +128,162 @@ def checkpoint_spec(path: str) -> str:
         return os.path.join(path, "model.pt")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter.safetensors")):
         raise SystemExit(f"error: --checkpoint {path} is a LoRA run: pass --adapter NAME={path}/adapter.safetensors")
+    looks_like_path = os.sep in path or path.endswith(".pt")
+    if looks_like_path and not os.path.exists(path):
+        raise SystemExit(f"error: --checkpoint {path}: no such file or directory")
     return path
 
 
+def _system_name(path):
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) if name == "model.pt" else name.removesuffix(".pt")
+
+
+def _audio_ctx(value: str):
+    if value in ("full", "auto"):
+        return value
+    if not value.isdigit() or int(value) % 2 or not 0 < int(value) <= 3000:
+        raise SystemExit(f"error: --audio-ctx {value!r}: expected full, auto, or an even number of frames <= 3000")
+    return int(value)
+
+
+def _read_terms(path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            terms = [t.strip() for t in f if t.strip()]
+    except OSError as e:
+        raise SystemExit(f"error: --terms {path}: {e.strerror or e}") from None
+    if not terms:
+        raise SystemExit(f"error: --terms {path}: no terms (expected one per line)")
+    return terms
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    try:
+        return run(args, sys.argv[1:] if argv is None else list(argv))
+    except (ModelSpecError, SourceError, DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(args, argv) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    sources = args.data or ["demo"]
+    sources = parse_data(args.data or ["demo"])
     languages = args.language or ["bo"]
     if len(languages) not in (1, len(sources)):
         raise SystemExit(f"error: {len(languages)} --language values for {len(sources)} --data sources: give one, or one each")
-    languages = [resolve_language(lang) for lang in (languages * len(sources) if len(languages) == 1 else languages)]
+    try:
+        languages = [resolve_language(lang) for lang in (languages * len(sources) if len(languages) == 1 else languages)]
+    except ValueError as e:
+        raise SystemExit(f"error: --language: {e}") from None
     adapters = parse_adapters(args.adapter)
+    routes = parse_routes(args.route, adapters)
+    checkpoints = {}
+    for path in args.checkpoint:
+        name = _system_name(path)
+        if name in checkpoints or name in adapters or name in RESERVED:
+            raise SystemExit(f"error: --checkpoint {path}: system name {name!r} is already taken; rename the file")
+        checkpoints[name] = checkpoint_spec(path)
+    audio_ctx = _audio_ctx(args.audio_ctx)
+    terms = _read_terms(args.terms) if args.terms else None
     dialects = set(args.dialect.split(",")) if args.dialect else None
+    multi = len(sources) > 1
+
+    # every source loaded and validated up front: bad rows are counted, and a wrong --data fails in seconds
+    data, skipped = [], {}
+    for (name, spec), language in zip(sources, languages):
+        examples, report = load_examples(spec, args.split, language=language)
+        print(report.summary())
+        if dialects:
+            examples = [e for e in examples if e.dialect in dialects]
+        examples = _limit_per_dialect(examples, args.max_samples)
+        if not examples:
+            raise SystemExit(f"error: --data {spec}: no {args.split} examples left (check --dialect / --split)")
+        data.append((name, language, examples))
+        skipped[name] = {"rows": dict(report.skipped), "examples": report.named, "at_load": {}}
 
     model = load_model(args.model, device)
     base_fp = fingerprint(model)
     for name, path in adapters.items():
         try:
             load_adapter(model, path, name, base_fingerprint=base_fp)
-        except AdapterMismatchError as e:
+        except (AdapterMismatchError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
     model.to(device)
-    if args.audio_ctx != "full":
+    if audio_ctx != "full":
         enable_dynamic_audio_ctx(model)
     print(f"model {args.model} ({base_fp}) on {device}; adapters {sorted(adapters) or 'none'}")
 
-    results, records = {}, []
-    for source, language in zip(sources, languages):
-        examples, report = load_examples(source, args.split, language=language)
-        print(report.summary())
-        if dialects:
-            examples = [e for e in examples if e.dialect in dialects]
-        examples = _limit_per_dialect(examples, args.max_samples)
-        if not examples:
-            raise SystemExit(f"error: --data {source}: no {args.split} examples left (check --dialect / --split)")
-        found = sorted({e.dialect for e in examples})
-        unknown = [a for a in adapters if a not in found]
-        if unknown and not args.no_routed:
-            print(f"note: adapters {unknown} match no dialect of {source} ({found}); routing uses the base there")
-        tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
-                                                    language=language, task="transcribe")
-        dataset = SpeechDataset(examples, n_mels=model.dims.n_mels)
-        collator = Collator(tokenizer, n_mels=model.dims.n_mels,
-                            audio_ctx=args.audio_ctx if args.audio_ctx in ("full", "auto") else int(args.audio_ctx))
-        systems = {"base": lambda d: set_active_adapter(model, None)}
-        for name in adapters:
-            systems[name] = lambda d, n=name: set_active_adapter(model, n)
-        if adapters and not args.no_routed:
-            systems["routed"] = lambda d: set_active_adapter(model, d if d in adapters else None)
-        kw = dict(language=language, batch_size=args.batch_size, beam_size=args.beam_size, device=device)
-        part, recs = evaluate_systems(model, dataset, collator, tokenizer, systems, **kw)
-        set_active_adapter(model, None)
-        for path in args.checkpoint:
-            other = load_model(checkpoint_spec(path), device)
-            if args.audio_ctx != "full":
-                enable_dynamic_audio_ctx(other)
-            name = _system_name(path)
-            more, more_recs = evaluate_systems(other, dataset, collator, tokenizer, {name: lambda d: None}, **kw)
-            part.update(more)
-            recs += more_recs
-            del other
-        _merge(results, part, source if len(sources) > 1 else None)
-        records += [dict(r, data=source) for r in recs]
-        if dataset.failures:
-            print(f"{source}: skipped unreadable clips {dict(dataset.failures)}")
+    found = sorted({e.dialect for _, _, examples in data for e in examples})
+    route = {d: routes.get(d, d if d in adapters else None) for d in found}
+    if adapters and not args.no_routed:
+        unused = sorted(set(adapters) - set(route.values()))
+        if unused:
+            print(f"note: routing uses no dialect for adapters {unused} (dialects: {found}); use --route DIALECT=NAME")
+        print("routed: " + ", ".join(f"{d} -> {a or 'base'}" for d, a in route.items()))
+    systems = {"base": lambda d: set_active_adapter(model, None)}
+    for name in adapters:
+        systems[name] = lambda d, n=name: set_active_adapter(model, n)
+    if adapters and not args.no_routed:
+        systems["routed"] = lambda d: set_active_adapter(model, route.get(d))
 
-    if args.terms:
-        terms = [t.strip() for t in open(args.terms, encoding="utf-8") if t.strip()]
+    kw = dict(batch_size=args.batch_size, beam_size=args.beam_size, device=device)
+    records = []
+    for name, language, examples in data:
+        recs, failures = _decode(model, examples, language, audio_ctx, systems, **kw)
+        set_active_adapter(model, None)
+        records += [dict(r, data=name) for r in recs]
+        skipped[name]["at_load"] = dict(failures)
+    for system, spec in checkpoints.items():
+        other = load_model(spec, device)
+        if audio_ctx != "full":
+            enable_dynamic_audio_ctx(other)
+        print(f"checkpoint {system}: {spec} ({fingerprint(other)})")
+        for name, language, examples in data:
+            recs, _ = _decode(other, examples, language, audio_ctx, {system: lambda d: None}, **kw)
+            records += [dict(r, data=name) for r in recs]
+        del other
+
+    results = {}
+    for system in [*systems, *checkpoints]:
+        rows = [r for r in records if r["system"] == system]
+        # each row of the table is a (source, dialect) pair; with one source the source name is left out
+        keyed = [dict(r, dialect=f"{r['data']}/{r['dialect']}" if multi else r["dialect"]) for r in rows]
+        results[system] = summarize(keyed)
+        if multi:
+            results[system]["_sources"] = {name: {k: v for k, v in summarize([r for r in rows if r["data"] == name]).items()
+                                                  if k in ("_macro", "_micro")} for name, _, _ in data}
+    if terms:
         for system, recall in term_recall(records, terms).items():
             results[system]["_terms"] = recall
-    meta = {"model": args.model, "fingerprint": base_fp, "adapters": adapters, "checkpoints": args.checkpoint,
-            "data": sources, "languages": languages, "argv": sys.argv[1:] if argv is None else list(argv)}
+
+    for name, s in skipped.items():
+        s["total"] = sum(s["rows"].values()) + sum(s["at_load"].values())
+        s["summary"] = ", ".join(f"{n} {reason}" for reason, n in (Counter(s["rows"]) + Counter(s["at_load"])).most_common())
+        if s["total"]:
+            print(f"{name}: skipped {s['total']} clips ({s['summary']}); e.g. {s['examples']}")
+    meta = {"model": args.model, "fingerprint": base_fp, "adapters": adapters, "routes": route if "routed" in systems else {},
+            "checkpoints": checkpoints, "data": dict(sources), "languages": dict(zip([n for n, _ in sources], languages)),
+            "skipped": skipped, "argv": argv}
     write_results(args.out, results, records, meta)
     write_chart(args.out, results)
     print(format_table(results))
+    if terms:
+        print("\n" + format_terms(results))
     print(f"wrote {args.out}/results.json, results.md, results.csv, results_cer.png, utterances.jsonl")
     return results
 
 
-def _merge(results, part, prefix):
-    for system, per_dialect in part.items():
-        target = results.setdefault(system, {})
-        for key, value in per_dialect.items():
-            target[f"{prefix}/{key}" if prefix and not key.startswith("_") else key] = value
-
-
-def _system_name(path):
-    name = os.path.basename(os.path.normpath(path))
-    return os.path.basename(os.path.dirname(os.path.abspath(path))) if name == "model.pt" else name.removesuffix(".pt")
+def _decode(model, examples, language, audio_ctx, systems, **kw):
+    """Per-utterance records of `systems` on `examples`, and the clips that failed to load (by reason)."""
+    tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
+                                                language=language, task="transcribe")
+    dataset = SpeechDataset(examples, n_mels=model.dims.n_mels)  # per model: a checkpoint may have other n_mels
+    collator = Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=audio_ctx)
+    _, records = evaluate_systems(model, dataset, collator, tokenizer, systems, language=language, **kw)
+    return records, dataset.failures
 
 
 def _limit_per_dialect(examples, n):
@@ -168,7 +298,4 @@ def _limit_per_dialect(examples, n):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ModelSpecError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    main()

@@ -8,6 +8,7 @@ is loaded once and decoded under every system.
 import csv
 import json
 import os
+import unicodedata
 from collections import defaultdict
 
 import torch
@@ -66,9 +67,19 @@ def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, lang
         scored = metrics.score_corpus([r["ref"] for r in rows], [r["hyp"] for r in rows], language)
         for r, u in zip(rows, scored["utterances"]):
             r.update({k: v for k, v in u.items() if k not in r})
-        results[system] = metrics.aggregate(rows)
+        results[system] = summarize(rows)
         results[system]["_examples"] = "\n\n".join(f"ref: {r['ref']}  \nhyp: {r['hyp']}" for r in rows[:n_examples])
     return results, records
+
+
+def summarize(records, by: str = "dialect") -> dict:
+    """`metrics.aggregate` of scored records, plus `looped`: hypotheses stopped as hallucination loops."""
+    records = list(records)
+    out = metrics.aggregate(records, by=by)
+    for key, m in out.items():
+        rows = records if key in ("_micro", "_macro") else [r for r in records if r[by] == key]
+        m["looped"] = sum(bool(r.get("looped")) for r in rows)
+    return out
 
 
 # --- tables ----------------------------------------------------------------------------------------
@@ -90,18 +101,39 @@ def format_table(results: dict, base: str | None = "base") -> str:
     for s in systems:
         head += [f"{s} CER", f"{s} WER"] + ([f"{s} ΔCER"] if base and s != base else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for d in dialects + ["_macro"]:
-        cells = ["macro avg" if d == "_macro" else d]
+    sources = sorted({src for s in systems for src in results[s].get("_sources", {})})
+    for d in dialects + [f"_sources/{src}" for src in sources] + ["_macro"]:
+        cells = ["macro avg" if d == "_macro" else f"{d.split('/', 1)[1]} macro avg" if d.startswith("_sources/") else d]
         for s in systems:
-            m = results[s].get(d, {})
+            m = _cell(results[s], d)
             cells += [_fmt(m.get("cer")), _fmt(m.get("wer"))]
             if base and s != base:
-                b = results[base].get(d, {})
+                b = _cell(results[base], d)
                 delta = None if m.get("cer") is None or b.get("cer") is None else m["cer"] - b["cer"]
                 cells.append("n/a" if delta is None else f"{delta:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = {results[s][d].get("wer_note") for s in systems for d in _rows(results[s]) if results[s][d].get("wer_note")}
     return "\n".join(lines + [f"\nWER {n}" for n in sorted(notes)])
+
+
+def _cell(result: dict, key: str) -> dict:
+    if key.startswith("_sources/"):
+        return result.get("_sources", {}).get(key.split("/", 1)[1], {}).get("_macro", {})
+    return result.get(key, {})
+
+
+def format_terms(results: dict) -> str:
+    """Rows = terms (+ all terms pooled), columns = systems' recall (hits / references containing the term)."""
+    systems = [s for s in results if not s.startswith("_") and "_terms" in results[s]]
+    if not systems:
+        return ""
+    terms = list(results[systems[0]]["_terms"])
+    lines = ["| Term | n | " + " | ".join(f"{s} recall" for s in systems) + " |", "|" + "---|" * (len(systems) + 2)]
+    for t in terms:
+        label = "all terms" if t == "_all" else t
+        n = results[systems[0]]["_terms"][t]["n"]
+        lines.append(f"| {label} | {n} | " + " | ".join(_fmt(results[s]["_terms"][t]["recall"]) for s in systems) + " |")
+    return "\n".join(lines)
 
 
 def write_results(out_dir, results: dict, records=None, meta: dict | None = None) -> None:
@@ -112,28 +144,43 @@ def write_results(out_dir, results: dict, records=None, meta: dict | None = None
         json.dump({**clean, "_meta": meta or {}}, f, indent=2, ensure_ascii=False)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(format_table(results) + "\n")
+        terms = format_terms(results)
+        if terms:
+            f.write("\nTerm recall\n\n" + terms + "\n")
+        for source, skipped in sorted(((meta or {}).get("skipped") or {}).items()):
+            if skipped.get("total"):
+                f.write(f"\nSkipped clips in {source}: {skipped['total']} ({skipped['summary']})\n")
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["system", "dialect", "cer", "wer", "ser", "n"])
+        w.writerow(["system", "dialect", "cer", "wer", "ser", "n", "looped"])
         for s, r in clean.items():
-            for d in _rows(r) + ["_macro"]:
+            for d in _rows(r) + ["_macro", "_micro"]:
                 m = r.get(d, {})
-                w.writerow([s, d, m.get("cer"), m.get("wer"), m.get("ser"), m.get("n")])
+                w.writerow([s, d, m.get("cer"), m.get("wer"), m.get("ser"), m.get("n"), m.get("looped")])
     if records is not None:
         with open(os.path.join(out_dir, "utterances.jsonl"), "w") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFC", text or "").casefold()
+
+
 def term_recall(records, terms) -> dict:
-    """{system: {term: {"recall", "n"}, "_all": ...}}: of the references containing a term, how many hypotheses do."""
+    """{system: {term: {"recall", "n"}, "_all": ...}}: of the references containing a term, how many hypotheses do.
+
+    A term is found by substring match after NFC and case folding (so "CPF" matches "cpf"); n counts the
+    references that contain it, and recall is None for a term no reference contains.
+    """
     out = {}
     for system in sorted({r["system"] for r in records}):
         rows = [r for r in records if r["system"] == system]
         per, hits_all, n_all = {}, 0, 0
         for term in terms:
-            having = [r for r in rows if term in r["ref"]]
-            hits = sum(term in r["hyp"] for r in having)
+            t = _fold(term)
+            having = [r for r in rows if t in _fold(r["ref"])]
+            hits = sum(t in _fold(r["hyp"]) for r in having)
             per[term] = {"recall": hits / len(having) if having else None, "n": len(having)}
             hits_all, n_all = hits_all + hits, n_all + len(having)
         per["_all"] = {"recall": hits_all / n_all if n_all else None, "n": n_all}
