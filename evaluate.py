@@ -196,11 +196,14 @@ def run(args, argv) -> dict:
     for (name, spec), language in zip(sources, languages):
         examples, report = load_examples(spec, args.split, language=language)
         print(report.summary())
+        present = sorted({e.dialect for e in examples})
         if dialects:
             examples = [e for e in examples if e.dialect in dialects]
         examples = _limit_per_dialect(examples, args.max_samples)
         if not examples:
-            raise SystemExit(f"error: --data {spec}: no {args.split} examples left (check --dialect / --split)")
+            raise SystemExit(f"error: --data {spec}: no usable {args.split} examples"
+                             + (f" of dialects {sorted(dialects)} (it has {present})" if dialects and present else "")
+                             + " (check --dialect / --split, and the skipped rows above)")
         data.append((name, language, examples))
         skipped[name] = {"rows": dict(report.skipped), "examples": report.named, "at_load": {}}
 
@@ -252,6 +255,14 @@ def run(args, argv) -> dict:
         # each row of the table is a (source, dialect) pair; with one source the source name is left out
         keyed = [dict(r, dialect=f"{r['data']}/{r['dialect']}" if multi else r["dialect"]) for r in rows]
         results[system] = summarize(keyed)
+        # a dialect whose every clip failed to load still gets its row (n 0, rates n/a), and the macro
+        # average says which rows it could not include instead of quietly averaging fewer dialects
+        expected = sorted({f"{n}/{e.dialect}" if multi else e.dialect for n, _, examples in data for e in examples})
+        missing = [k for k in expected if k not in results[system]]
+        for k in missing:
+            results[system][k] = {"n": 0, "cer": None, "wer": None, "ser": None, "looped": 0,
+                                  "note": "every clip failed to load"}
+        results[system]["_macro"]["missing"] = missing
         if multi:
             results[system]["_sources"] = {name: {k: v for k, v in summarize([r for r in rows if r["data"] == name]).items()
                                                   if k in ("_macro", "_micro")} for name, _, _ in data}
@@ -263,7 +274,8 @@ def run(args, argv) -> dict:
         s["total"] = sum(s["rows"].values()) + sum(s["at_load"].values())
         s["summary"] = ", ".join(f"{n} {reason}" for reason, n in (Counter(s["rows"]) + Counter(s["at_load"])).most_common())
         if s["total"]:
-            print(f"{name}: skipped {s['total']} clips ({s['summary']}); e.g. {s['examples']}")
+            named = "; ".join(x for xs in s["examples"].values() for x in xs)
+            print(f"{name}: skipped {s['total']} clips ({s['summary']})" + (f", e.g. {named}" if named else ""))
     meta = {"model": args.model, "fingerprint": base_fp, "adapters": adapters, "routes": route if "routed" in systems else {},
             "checkpoints": checkpoints, "data": dict(sources), "languages": dict(zip([n for n, _ in sources], languages)),
             "skipped": skipped, "argv": argv}

@@ -212,6 +212,8 @@ def test_bad_clips_are_skipped_counted_and_reported(setup, tmp_path, capsys):
     shutil.copytree(setup / "corpus", corpus)
     (corpus / "wav" / "garbage.wav").write_bytes(b"RIFF not really a wave file" * 10)
     sf.write(corpus / "wav" / "silent.wav", np.zeros(8000, np.float32), 16000)  # passes the header check
+    for wav in (corpus / "wav").glob("test-kham-*.wav"):  # a dialect none of whose clips loads
+        sf.write(wav, np.zeros(8000, np.float32), 16000)
     with open(corpus / "test.jsonl", "a", encoding="utf-8") as f:
         for i, rel in enumerate(["wav/missing.wav", "wav/garbage.wav", "wav/silent.wav"]):
             f.write(json.dumps({"id": f"bad{i}", "audio": rel, "text": "ཀ་ཁ", "dialect": "amdo"},
@@ -219,12 +221,19 @@ def test_bad_clips_are_skipped_counted_and_reported(setup, tmp_path, capsys):
     out = tmp_path / "out"
     results = evaluate.main(["--model", str(setup / "tiny.pt"), "--data", str(corpus), "--out", str(out), *FAST])
     assert "routed" not in results
-    assert results["base"]["_micro"]["n"] == 6 and results["base"]["amdo"]["n"] == 2
+    base = results["base"]
+    assert base["_micro"]["n"] == 4 and base["amdo"]["n"] == 2 and base["utsang"]["n"] == 2
+    # the dialect that lost every clip keeps its row, and the macro average says it left it out
+    assert base["kham"]["n"] == 0 and base["kham"]["cer"] is None
+    assert base["_macro"]["missing"] == ["kham"]
+    assert base["_macro"]["cer"] == pytest.approx((base["amdo"]["cer"] + base["utsang"]["cer"]) / 2)
     skipped = json.loads((out / "results.json").read_text())["_meta"]["skipped"]["corpus"]
-    assert skipped["rows"] == {"unreadable": 2} and skipped["at_load"] == {"silent": 1}
-    assert skipped["total"] == 3
-    assert "Skipped clips in corpus: 3" in (out / "results.md").read_text()
-    assert "skipped 3 clips" in capsys.readouterr().out
+    assert skipped["rows"] == {"unreadable": 2} and skipped["at_load"] == {"silent": 3}
+    assert skipped["total"] == 5
+    md = (out / "results.md").read_text()
+    assert "Skipped clips in corpus: 5" in md and "| kham | n/a |" in md and "| macro avg* |" in md
+    printed = capsys.readouterr().out
+    assert "skipped 5 clips" in printed and "bad0" in printed  # the missing file is named
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -102,8 +102,10 @@ def format_table(results: dict, base: str | None = "base") -> str:
         head += [f"{s} CER", f"{s} WER"] + ([f"{s} ΔCER"] if base and s != base else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sources = sorted({src for s in systems for src in results[s].get("_sources", {})})
+    missing = sorted({d for s in systems for d in results[s].get("_macro", {}).get("missing") or []})
     for d in dialects + [f"_sources/{src}" for src in sources] + ["_macro"]:
-        cells = ["macro avg" if d == "_macro" else f"{d.split('/', 1)[1]} macro avg" if d.startswith("_sources/") else d]
+        cells = ["macro avg" + ("*" if missing else "") if d == "_macro"
+                 else f"{d.split('/', 1)[1]} macro avg" if d.startswith("_sources/") else d]
         for s in systems:
             m = _cell(results[s], d)
             cells += [_fmt(m.get("cer")), _fmt(m.get("wer"))]
@@ -113,6 +115,8 @@ def format_table(results: dict, base: str | None = "base") -> str:
                 cells.append("n/a" if delta is None else f"{delta:+.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     notes = {results[s][d].get("wer_note") for s in systems for d in _rows(results[s]) if results[s][d].get("wer_note")}
+    if missing:
+        lines.append(f"\n* mean of the rows with scored clips; no clip of {', '.join(missing)} could be loaded")
     return "\n".join(lines + [f"\nWER {n}" for n in sorted(notes)])
 
 
