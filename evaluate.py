@@ -221,6 +221,8 @@ def run(args, argv) -> dict:
 
     found = sorted({e.dialect for _, _, examples in data for e in examples})
     route = {d: routes.get(d, d if d in adapters else None) for d in found}
+    for d in sorted(set(routes) - set(found)):
+        print(f"note: --route {d}={routes[d]}: no clip of dialect {d!r} in the data ({found})")
     if adapters and not args.no_routed:
         unused = sorted(set(adapters) - set(route.values()))
         if unused:

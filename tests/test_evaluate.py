@@ -245,6 +245,7 @@ def test_bad_clips_are_skipped_counted_and_reported(setup, tmp_path, capsys):
     (["--adapter", "amdo={g}"], "cannot read adapter"),
     (["--adapter", "amdo={a}", "--route", "kham=khm"], "unknown adapter name 'khm'"),
     (["--checkpoint", "/no/such/model.pt"], "no such file"),
+    (["--checkpoint", "{gp}"], "garbage.pt: "),  # models.py words the reason
     (["--data", "/no/such/manifest.jsonl"], "does not exist"),
     (["--audio-ctx", "123"], "--audio-ctx"),
     (["--terms", "/no/such/terms.txt"], "--terms"),
@@ -252,7 +253,9 @@ def test_bad_clips_are_skipped_counted_and_reported(setup, tmp_path, capsys):
 def test_bad_input_is_one_clear_line(setup, tmp_path, extra, message):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
-    extra = [e.format(a=setup / "amdo.safetensors", o=setup / "other_base.safetensors", g=garbage) for e in extra]
+    (tmp_path / "garbage.pt").write_bytes(b"\x00" * 64)
+    extra = [e.format(a=setup / "amdo.safetensors", o=setup / "other_base.safetensors", g=garbage,
+                      gp=tmp_path / "garbage.pt") for e in extra]
     args = ["--model", str(setup / "tiny.pt"), "--data", str(setup / "corpus"), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
         evaluate.main(args + extra)
