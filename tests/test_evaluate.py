@@ -1,6 +1,7 @@
 """evaluate.py on tiny dims: routing uses the right adapter, the table files agree, bad input is named, not fatal."""
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from whisper_ft.evaluation import term_recall
 from whisper_ft.metrics import score_utterance
 from whisper_ft.models import export_openai, fingerprint
 
-ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--audio-ctx", "auto", "--batch-size", "4"]
 
 
