@@ -158,6 +158,12 @@ def test_corrupt_pt(tmp_path):
     assert "truncated or corrupt" in _message(str(path))
 
 
+def test_garbage_pt_is_corrupt_not_refused(tmp_path):
+    path = tmp_path / "zeros.pt"
+    path.write_bytes(bytes(64))
+    assert "truncated or corrupt" in _message(str(path))
+
+
 def test_pt_whose_dims_do_not_match_its_weights(tmp_path):
     model = make_tiny_model()
     path = tmp_path / "m.pt"
@@ -181,7 +187,8 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"dims": {}, "model_state_dict": _Exploit(marker)}, path)
-    assert "refused" in _message(str(path))
+    msg = _message(str(path))
+    assert "refused" in msg and "posix.system" in msg
     assert not marker.exists()
 
 

@@ -84,8 +84,13 @@ def load_openai_checkpoint(path) -> Whisper:
         # weights_only: a checkpoint is data; a pickle that needs to run code is refused, not executed.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:200]
-        raise ModelSpecError(f"{path}: refused, the file needs arbitrary code to load ({reason}); "
+        # weights_only names the blocked callable ("GLOBAL posix.system") when a pickle wants to run code;
+        # any other unpickling failure is plain corruption.
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if detail is None:
+            raise ModelSpecError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
+                                 "(its pickle data is damaged)") from None
+        raise ModelSpecError(f"{path}: refused, the file needs arbitrary code to load ({detail[:200]}); "
                              "re-save it as {'dims': ..., 'model_state_dict': ...} tensors only") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         reason = str(e).strip().splitlines()[0][:200]
