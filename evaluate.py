@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--data", action="append", default=None, metavar="[NAME=]SOURCE",
                    help="test source, optionally named; repeatable (default: demo)")
     p.add_argument("--language", action="append", default=None, help="one per --data, or one for all (default bo)")
+    p.add_argument("--language-fallback", default=None,
+                   help="Whisper language token to reuse for a language Whisper lacks (e.g. bo for Dzongkha)")
     p.add_argument("--split", default="test")
     p.add_argument("--dialect", default=None, help="only these dialects (comma-separated)")
     p.add_argument("--max-samples", type=int, default=None, help="clips per dialect (default: all)")
@@ -175,7 +177,7 @@ def run(args, argv) -> dict:
     if len(languages) not in (1, len(sources)):
         raise SystemExit(f"error: {len(languages)} --language values for {len(sources)} --data sources: give one, or one each")
     try:
-        languages = [resolve_language(lang) for lang in (languages * len(sources) if len(languages) == 1 else languages)]
+        languages = [resolve_language(lang, fallback=args.language_fallback) for lang in (languages * len(sources) if len(languages) == 1 else languages)]
     except ValueError as e:
         raise SystemExit(f"error: --language: {e}") from None
     adapters = parse_adapters(args.adapter)

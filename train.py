@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data", default="demo", help="data source: demo, openpecha, hf:NAME, or a manifest path")
     g.add_argument("--eval-data", default=None, help="test source (default: --data's test split)")
     g.add_argument("--language", default="bo", help="language token to train and decode with")
+    g.add_argument("--language-fallback", default=None,
+                   help="Whisper language token to reuse for a language Whisper lacks (e.g. bo for Dzongkha)")
     g.add_argument("--dialect", default="balanced",
                    help="amdo|kham|utsang|a,b (balanced over those)|balanced (all, equal)|all (natural mix)")
     g.add_argument("--sampling", default=None, choices=["balanced", "proportional", "temperature", "natural"],
@@ -171,7 +173,10 @@ def main(argv=None) -> dict:
     # -- model ------------------------------------------------------------------------------------
     model = load_model(args.model, device)
     base_fp = fingerprint(model)
-    language = resolve_language(args.language)
+    try:
+        language = resolve_language(args.language, fallback=args.language_fallback)
+    except ValueError as e:
+        raise SystemExit(f"error: --language: {e}") from None
     tokenizer = _tokenizer(model, language)
     adapter_name = args.dialect if args.dialect in DIALECTS else "default"
     rank_hook = None
