@@ -16,6 +16,7 @@ reported (printed, in results.md and in results.json's `_meta.skipped`); they ne
 Writes OUT/results.json, results.md, results.csv, results_cer.png and utterances.jsonl.
 """
 import argparse
+import json
 import os
 import re
 import sys
@@ -30,9 +31,10 @@ from data.sources import SourceError, load_examples
 from data.validate import DataError
 from lora.adapters import AdapterMismatchError, load_adapter, set_active_adapter
 from lora.layers import check_adapter_name
+from whisper_ft import robustness
 from whisper_ft.encoder import enable_dynamic_audio_ctx
-from whisper_ft.evaluation import (evaluate_systems, format_table, format_terms, summarize, term_recall,
-                                   write_chart, write_results)
+from whisper_ft.evaluation import (eval_batches, evaluate_systems, format_table, format_terms, summarize,
+                                   term_recall, token_limit, write_chart, write_results)
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
 from whisper_ft.text import resolve_language
 
@@ -61,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--terms", help="file of domain terms, one per line: reports the recall of each per system")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--nbest", type=int, default=5, help="N-best list size for --robustness (beam = max(N, --beam-size))")
+    p.add_argument("--robustness", action="store_true",
+                   help="N-best perturbation rescoring robustness (NPRR) per system and dialect; see the README")
     p.add_argument("--audio-ctx", default="full", help="full (30 s windows), auto (crop to the batch), or even frames")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output directory")
@@ -237,9 +242,13 @@ def run(args, argv) -> dict:
         systems["routed"] = lambda d: set_active_adapter(model, route.get(d))
 
     kw = dict(batch_size=args.batch_size, beam_size=args.beam_size, device=device)
-    records = []
+    records, robust = [], []
     for name, language, examples in data:
         recs, failures = _decode(model, examples, language, audio_ctx, systems, **kw)
+        if args.robustness:
+            robust += [dict(r, data=name) for r in _robustness(model, examples, language, audio_ctx, systems,
+                                                              args.nbest, max(args.nbest, args.beam_size),
+                                                              args.batch_size, device)]
         set_active_adapter(model, None)
         records += [dict(r, data=name) for r in recs]
         skipped[name]["at_load"] = dict(failures)
@@ -251,6 +260,10 @@ def run(args, argv) -> dict:
         for name, language, examples in data:
             recs, _ = _decode(other, examples, language, audio_ctx, {system: lambda d: None}, **kw)
             records += [dict(r, data=name) for r in recs]
+            if args.robustness:
+                robust += [dict(r, data=name) for r in _robustness(other, examples, language, audio_ctx,
+                                                                  {system: lambda d: None}, args.nbest,
+                                                                  max(args.nbest, args.beam_size), args.batch_size, device)]
         del other
 
     results = {}
@@ -270,6 +283,16 @@ def run(args, argv) -> dict:
         if multi:
             results[system]["_sources"] = {name: {k: v for k, v in summarize([r for r in rows if r["data"] == name]).items()
                                                   if k in ("_macro", "_micro")} for name, _, _ in data}
+    for system in results:
+        rows = [dict(r, dialect=f"{r['data']}/{r['dialect']}" if multi else r["dialect"])
+                for r in robust if r["system"] == system]
+        if rows:
+            results[system]["_robustness"] = robustness.summarize(rows)
+    if robust:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "robustness.jsonl"), "w") as f:
+            for r in robust:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     if terms:
         for system, recall in term_recall(records, terms).items():
             results[system]["_terms"] = recall
@@ -288,6 +311,11 @@ def run(args, argv) -> dict:
     print(format_table(results))
     if terms:
         print("\n" + format_terms(results))
+    if robust:
+        table = format_robustness(results)
+        print("\n" + table)
+        with open(os.path.join(args.out, "results.md"), "a") as f:
+            f.write("\n" + table + "\n")
     print(f"wrote {args.out}/results.json, results.md, results.csv, results_cer.png, utterances.jsonl")
     return results
 
@@ -300,6 +328,46 @@ def _decode(model, examples, language, audio_ctx, systems, **kw):
     collator = Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=audio_ctx)
     _, records = evaluate_systems(model, dataset, collator, tokenizer, systems, language=language, **kw)
     return records, dataset.failures
+
+
+def _robustness(model, examples, language, audio_ctx, systems, nbest, beam_size, batch_size, device):
+    """NPRR records (whisper_ft/robustness.py) of every system: each batch decoded in that system's state."""
+    tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
+                                                language=language, task="transcribe")
+    dataset = SpeechDataset(examples, n_mels=model.dims.n_mels)
+    collator = Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=audio_ctx)
+    max_tokens = token_limit(dataset, tokenizer)
+    out = []
+    for system, activate in systems.items():
+        def activated():
+            for dialect, batch in eval_batches(dataset, collator, batch_size):
+                activate(dialect)
+                yield dialect, batch.to(device)
+        with torch.no_grad():
+            recs = robustness.measure(model, activated(), tokenizer, language=language, nbest=nbest,
+                                      beam_size=beam_size, max_tokens=max_tokens)
+        out += [dict(r, system=system) for r in recs]
+    return out
+
+
+def format_robustness(results) -> str:
+    """Per system and dialect: list size, 1-best / oracle CER, and 1-best robustness and Kendall tau per kind."""
+    kinds = [k for k in robustness.PERTURBATIONS if k != "reorder"]
+    head = ["System", "Dialect", "N", "1-best CER", "oracle CER"] + [f"{k} top1" for k in kinds] + \
+        [f"{k} tau" for k in kinds]
+    lines = ["N-best robustness (NPRR)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for system, res in results.items():
+        summary = res.get("_robustness") if isinstance(res, dict) else None
+        for dialect, m in (summary or {}).items():
+            if dialect == "_micro":
+                continue
+            cells = [system, "macro avg" if dialect == "_macro" else dialect, fmt(m.get("mean_list_size")),
+                     fmt(m.get("cer_1best")), fmt(m.get("cer_oracle"))]
+            cells += [fmt((m.get(k) or {}).get("top1")) for k in kinds]
+            cells += [fmt((m.get(k) or {}).get("kendall_tau")) for k in kinds]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _limit_per_dialect(examples, n):
