@@ -27,7 +27,7 @@ import torch
 import whisper
 
 from data.collate import Collator, SpeechDataset
-from data.sources import SourceError, load_examples
+from data.sources import SourceError, limit_per_dialect, load_examples
 from data.validate import DataError
 from lora.adapters import AdapterMismatchError, load_adapter, set_active_adapter
 from lora.layers import check_adapter_name
@@ -206,7 +206,7 @@ def run(args, argv) -> dict:
         present = sorted({e.dialect for e in examples})
         if dialects:
             examples = [e for e in examples if e.dialect in dialects]
-        examples = _limit_per_dialect(examples, args.max_samples)
+        examples = limit_per_dialect(examples, args.max_samples)
         if not examples:
             raise SystemExit(f"error: --data {spec}: no usable {args.split} examples"
                              + (f" of dialects {sorted(dialects)} (it has {present})" if dialects and present else "")
@@ -368,17 +368,6 @@ def format_robustness(results) -> str:
             cells += [fmt((m.get(k) or {}).get("kendall_tau")) for k in kinds]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _limit_per_dialect(examples, n):
-    if not n:
-        return examples
-    seen, kept = {}, []
-    for e in examples:
-        seen[e.dialect] = seen.get(e.dialect, 0) + 1
-        if seen[e.dialect] <= n:
-            kept.append(e)
-    return kept
 
 
 if __name__ == "__main__":

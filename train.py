@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from data.collate import Collator, SpeechDataset, make_loader
 from data.samplers import DialectSampler
-from data.sources import DIALECTS, load_examples
+from data.sources import DIALECTS, limit_per_dialect, load_examples
 from lora.adapters import save_adapter, set_active_adapter
 from lora.inject import count_parameters, describe_trainable, lora_modules, mark_only_lora_trainable
 from lora.rank import STRATEGIES, apply_rank_strategy
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
     loader = make_loader(dataset, sampler, collator, args.batch_size, num_workers=args.num_workers)
     test_examples, test_report = load_examples(args.eval_data or args.data, "test", language=language)
     print(test_report.summary())
-    test_examples = _limit_per_dialect(test_examples, args.eval_samples)
+    test_examples = limit_per_dialect(test_examples, args.eval_samples)
     eval_dataset = SpeechDataset(test_examples, n_mels=n_mels)  # never augmented
     eval_collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
 
@@ -484,18 +484,6 @@ def _log_eval(tb, system, result, step):
                 tb.add_scalar(f"eval_{system}/{dialect}/{metric}", m[metric], step)
     if "_examples" in result:
         tb.add_text(f"eval_{system}/examples", result["_examples"], step)
-
-
-def _limit_per_dialect(examples, n):
-    if not n:
-        return examples
-    seen = {}
-    kept = []
-    for e in examples:
-        seen[e.dialect] = seen.get(e.dialect, 0) + 1
-        if seen[e.dialect] <= n:
-            kept.append(e)
-    return kept
 
 
 def _tokenizer(model, language):

@@ -124,6 +124,18 @@ def load_examples(spec: str, split: str = "train", *, language: str = "bo", stri
     return good, report
 
 
+def limit_per_dialect(examples, n: int | None) -> list:
+    """The first n examples of each dialect, in their order (all of them when n is falsy)."""
+    if not n:
+        return list(examples)
+    seen, kept = {}, []
+    for e in examples:
+        seen[e.dialect] = seen.get(e.dialect, 0) + 1
+        if seen[e.dialect] <= n:
+            kept.append(e)
+    return kept
+
+
 def parse_dialect_map(value) -> dict:
     """{} / dict / JSON text / path to a JSON file / "RAW=dialect,RAW2=dialect" -> dict."""
     if not value:
