@@ -320,22 +320,24 @@ def run(args, argv) -> dict:
     return results
 
 
-def _decode(model, examples, language, audio_ctx, systems, **kw):
-    """Per-utterance records of `systems` on `examples`, and the clips that failed to load (by reason)."""
+def _pipeline(model, examples, language, audio_ctx):
+    """(tokenizer, dataset, collator) for `model`: per model, since a checkpoint may have other n_mels."""
     tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
                                                 language=language, task="transcribe")
-    dataset = SpeechDataset(examples, n_mels=model.dims.n_mels)  # per model: a checkpoint may have other n_mels
-    collator = Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=audio_ctx)
+    dataset = SpeechDataset(examples, n_mels=model.dims.n_mels)
+    return tokenizer, dataset, Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=audio_ctx)
+
+
+def _decode(model, examples, language, audio_ctx, systems, **kw):
+    """Per-utterance records of `systems` on `examples`, and the clips that failed to load (by reason)."""
+    tokenizer, dataset, collator = _pipeline(model, examples, language, audio_ctx)
     _, records = evaluate_systems(model, dataset, collator, tokenizer, systems, language=language, **kw)
     return records, dataset.failures
 
 
 def _robustness(model, examples, language, audio_ctx, systems, nbest, beam_size, batch_size, device):
     """NPRR records (whisper_ft/robustness.py) of every system: each batch decoded in that system's state."""
-    tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
-                                                language=language, task="transcribe")
-    dataset = SpeechDataset(examples, n_mels=model.dims.n_mels)
-    collator = Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=audio_ctx)
+    tokenizer, dataset, collator = _pipeline(model, examples, language, audio_ctx)
     max_tokens = token_limit(dataset, tokenizer)
     out = []
     for system, activate in systems.items():

@@ -65,3 +65,14 @@ def make_corpus(root, n_per_dialect=4, dialects=("utsang", "amdo", "kham"), n_te
                                         "dialect": dialect, "language": "bo", "duration": t.size / 16000},
                                        ensure_ascii=False) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    """A directory with tiny.pt (a tiny model in openai format) and corpus/ (4 train + 1 test clips per dialect)."""
+    from whisper_ft.models import export_openai
+
+    d = tmp_path_factory.mktemp("run")
+    export_openai(make_tiny_model(), d / "tiny.pt")
+    make_corpus(d / "corpus", n_per_dialect=4, n_test=1)
+    return d

@@ -6,18 +6,12 @@ import sys
 import pytest
 import torch
 
-from conftest import make_corpus, make_tiny_model
-from whisper_ft.models import export_openai
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddp")
-    export_openai(make_tiny_model(), d / "tiny.pt")
-    make_corpus(d / "corpus", n_per_dialect=4, n_test=1)
-    return d
+def setup(train_setup):
+    return train_setup
 
 
 def _train(setup, out, nproc, *extra):

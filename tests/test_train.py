@@ -12,22 +12,18 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import make_corpus, make_tiny_model
+from conftest import make_tiny_model
 from data.collate import Collator, SpeechDataset
 from data.sources import load_examples
 from lora.inject import add_lora, mark_only_lora_trainable
 from whisper_ft import checkpoint as ckpt
-from whisper_ft.models import export_openai
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    export_openai(make_tiny_model(), d / "tiny.pt")
-    make_corpus(d / "corpus", n_per_dialect=4, n_test=1)
-    return d
+def setup(train_setup):
+    return train_setup
 
 
 def _args(setup, out, *extra):
