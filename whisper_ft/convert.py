@@ -38,36 +38,45 @@ _TOP = [
 ]
 
 
+_BLOCK = {"openai": r"(encoder|decoder)\.blocks\.(\d+)\.(.+)", "hf": r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)"}
+_BLOCK_NAME = {"openai": "{side}.blocks.{i}.", "hf": "model.{side}.layers.{i}."}
+
+
+def _rename(name: str, src: str, dst: str) -> str | None:
+    """Map a parameter or module name from one naming (`openai` / `hf`) to the other; None if unknown."""
+    col = {"openai": 0, "hf": 1}
+    m = re.fullmatch(_BLOCK[src], name)
+    if m:
+        side, i, rest = m.groups()
+        for pair in _BLOCK_PARTS:
+            ours, theirs = pair[col[src]], pair[col[dst]]
+            if rest == ours or rest.startswith(ours + "."):
+                return _BLOCK_NAME[dst].format(side=side, i=i) + theirs + rest[len(ours):]
+    for pair in _TOP:
+        ours, theirs = pair[col[src]], pair[col[dst]]
+        if name == ours or name.startswith(ours + "."):
+            return theirs + name[len(ours):]
+    return None
+
+
 def openai_to_hf_name(name: str) -> str:
     """`decoder.blocks.1.cross_attn.value.weight` -> `model.decoder.layers.1.encoder_attn.v_proj.weight`.
 
     Also maps module names (no `.weight` suffix), which is what PEFT adapter export needs.
     """
-    m = re.fullmatch(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)", name)
-    if m:
-        side, i, rest = m.groups()
-        for ours, theirs in _BLOCK_PARTS:
-            if rest == ours or rest.startswith(ours + "."):
-                return f"model.{side}.layers.{i}.{theirs}{rest[len(ours):]}"
-    for ours, theirs in _TOP:
-        if name == ours or name.startswith(ours + "."):
-            return theirs + name[len(ours):]
-    raise ConversionError(f"no Hugging Face name for openai-whisper parameter {name!r}")
+    out = _rename(name, "openai", "hf")
+    if out is None:
+        raise ConversionError(f"no Hugging Face name for openai-whisper parameter {name!r}")
+    return out
 
 
 def hf_to_openai_name(name: str) -> str:
     if not name.startswith("model."):  # WhisperModel checkpoints lack the ForConditionalGeneration prefix
         name = "model." + name
-    m = re.fullmatch(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)", name)
-    if m:
-        side, i, rest = m.groups()
-        for ours, theirs in _BLOCK_PARTS:
-            if rest == theirs or rest.startswith(theirs + "."):
-                return f"{side}.blocks.{i}.{ours}{rest[len(theirs):]}"
-    for ours, theirs in _TOP:
-        if name == theirs or name.startswith(theirs + "."):
-            return ours + name[len(theirs):]
-    raise ConversionError(f"unexpected parameter {name!r} in a Hugging Face Whisper checkpoint")
+    out = _rename(name, "hf", "openai")
+    if out is None:
+        raise ConversionError(f"unexpected parameter {name!r} in a Hugging Face Whisper checkpoint")
+    return out
 
 
 def openai_to_hf_state(state: dict) -> dict:
