@@ -207,6 +207,16 @@ def _split_fused(t, src, dst, out, names):
             out[f"{dst}.{name}.bias"] = bi.contiguous()
 
 
+def _block(t, src, dst, out):
+    """The self-attention and MLP parts every encoder and decoder layer has."""
+    _split_fused(t, f"{src}/self_attention/linear_0", f"{dst}.attn", out, ("query", "key", "value"))
+    _linear(t, f"{src}/self_attention/linear_1", f"{dst}.attn.out", out)
+    _ln(t, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln", out)
+    _linear(t, f"{src}/ffn/linear_0", f"{dst}.mlp.0", out)
+    _linear(t, f"{src}/ffn/linear_1", f"{dst}.mlp.2", out)
+    _ln(t, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln", out)
+
+
 def ct2_to_openai(tensors: dict) -> tuple[dict, dict]:
     """CTranslate2 WhisperSpec tensors -> (openai-whisper dims, state_dict)."""
     t = tensors
@@ -224,28 +234,17 @@ def ct2_to_openai(tensors: dict) -> tuple[dict, dict]:
         _linear(t, "encoder/conv2", "encoder.conv2", s)
         s["encoder.positional_embedding"] = t["encoder/position_encodings/encodings"].float()
         for i in range(n_audio_layer):
-            src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-            _split_fused(t, f"{src}/self_attention/linear_0", f"{dst}.attn", s, ("query", "key", "value"))
-            _linear(t, f"{src}/self_attention/linear_1", f"{dst}.attn.out", s)
-            _ln(t, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln", s)
-            _linear(t, f"{src}/ffn/linear_0", f"{dst}.mlp.0", s)
-            _linear(t, f"{src}/ffn/linear_1", f"{dst}.mlp.2", s)
-            _ln(t, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln", s)
+            _block(t, f"encoder/layer_{i}", f"encoder.blocks.{i}", s)
         _ln(t, "encoder/layer_norm", "encoder.ln_post", s)
         s["decoder.token_embedding.weight"] = emb.float()
         s["decoder.positional_embedding"] = t["decoder/position_encodings/encodings"].float()
         for i in range(n_text_layer):
             src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-            _split_fused(t, f"{src}/self_attention/linear_0", f"{dst}.attn", s, ("query", "key", "value"))
-            _linear(t, f"{src}/self_attention/linear_1", f"{dst}.attn.out", s)
-            _ln(t, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln", s)
+            _block(t, src, dst, s)
             _linear(t, f"{src}/attention/linear_0", f"{dst}.cross_attn.query", s)
             _split_fused(t, f"{src}/attention/linear_1", f"{dst}.cross_attn", s, ("key", "value"))
             _linear(t, f"{src}/attention/linear_2", f"{dst}.cross_attn.out", s)
             _ln(t, f"{src}/attention/layer_norm", f"{dst}.cross_attn_ln", s)
-            _linear(t, f"{src}/ffn/linear_0", f"{dst}.mlp.0", s)
-            _linear(t, f"{src}/ffn/linear_1", f"{dst}.mlp.2", s)
-            _ln(t, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln", s)
         _ln(t, "decoder/layer_norm", "decoder.ln", s)
     except (KeyError, ValueError) as e:
         raise ConversionError(f"model.bin is not a CTranslate2 Whisper model (missing or bad tensor: {e})") from None
