@@ -189,6 +189,12 @@ def test_bad_flags_give_clear_errors(setup, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(_args(setup, tmp_path / "x", "--dialect", "ladakhi", "--max-steps", 1))
     assert "ladakhi" in str(e.value) and "amdo" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # Dzongkha has no Whisper token: the user must pick one to reuse
+        train.main(_args(setup, tmp_path / "dz", "--language", "dz", "--max-steps", 1))
+    assert "--language-fallback" in str(e.value)
+    train.main(_args(setup, tmp_path / "dz2", "--language", "dz", "--language-fallback", "bo", "--max-steps", 1,
+                     "--batch-size", 2, "--grad-accum", 1, "--no-base-eval"))
+    assert json.loads((tmp_path / "dz2" / "config.json").read_text())["language_fallback"] == "bo"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"lr": 1e-3, "learning_rate": 1}))
     with pytest.raises(SystemExit):
