@@ -24,7 +24,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import whisper
 
 from data.collate import Collator, SpeechDataset
 from data.sources import SourceError, limit_per_dialect, load_examples
@@ -36,7 +35,7 @@ from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.evaluation import (eval_batches, evaluate_systems, format_table, format_terms, summarize,
                                    term_recall, token_limit, write_chart, write_results)
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
-from whisper_ft.text import resolve_language
+from whisper_ft.text import resolve_language, tokenizer_for
 
 RESERVED = ("base", "routed")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -322,8 +321,7 @@ def run(args, argv) -> dict:
 
 def _pipeline(model, examples, language, audio_ctx):
     """(tokenizer, dataset, collator) for `model`: per model, since a checkpoint may have other n_mels."""
-    tokenizer = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
-                                                language=language, task="transcribe")
+    tokenizer = tokenizer_for(model, language)
     dataset = SpeechDataset(examples, n_mels=model.dims.n_mels)
     return tokenizer, dataset, Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=audio_ctx)
 

@@ -34,7 +34,7 @@ from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.evaluation import evaluate_systems, format_table, write_results
 from whisper_ft.models import ModelSpecError, export_openai, fingerprint, load_model
 from whisper_ft.specaugment import add_specaugment_args, make_generator, specaugment_from_args
-from whisper_ft.text import resolve_language
+from whisper_ft.text import resolve_language, tokenizer_for
 from whisper_ft.training import (NullWriter, ProgressLog, all_sum, build_optimizer, enable_grad_checkpointing,
                                  init_distributed, lr_at, peak_memory_mb, resolve_amp, select_dialects)
 
@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
         language = resolve_language(args.language, fallback=args.language_fallback)
     except ValueError as e:
         raise SystemExit(f"error: --language: {e}") from None
-    tokenizer = _tokenizer(model, language)
+    tokenizer = tokenizer_for(model, language)
     adapter_name = args.dialect if args.dialect in DIALECTS else "default"
     rank_hook = None
     if args.mode == "lora":
@@ -484,12 +484,6 @@ def _log_eval(tb, system, result, step):
                 tb.add_scalar(f"eval_{system}/{dialect}/{metric}", m[metric], step)
     if "_examples" in result:
         tb.add_text(f"eval_{system}/examples", result["_examples"], step)
-
-
-def _tokenizer(model, language):
-    import whisper
-    return whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
-                                           language=language, task="transcribe")
 
 
 if __name__ == "__main__":

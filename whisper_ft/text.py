@@ -91,6 +91,14 @@ def _lookup_language(code: str) -> str | None:
     return None
 
 
+def tokenizer_for(model, language: str, task: str = "transcribe"):
+    """The whisper tokenizer that fits `model` (multilingual or English-only, its number of languages)."""
+    import whisper
+
+    return whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
+                                           language=language, task=task)
+
+
 def prefix_tokens(tokenizer, task: str = "transcribe") -> list[int]:
     """<|startoftranscript|><|LANG|><|task|><|notimestamps|> for a multilingual tokenizer (with its language);
     <|startoftranscript|><|notimestamps|> for an English-only one, as Whisper decodes without timestamps."""
