@@ -310,6 +310,7 @@ def main(argv=None) -> dict:
     signal.signal(signal.SIGINT, lambda s, f: stop.update(signal="SIGINT"))
     signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
     t_last, samples_since, audio_since = time.time(), 0, 0.0
+    t_train = time.time()
     stream = micro_batches(loader, sampler, dataset, epoch, consumed, args.batch_size * world,
                            None if args.max_steps else args.epochs)
     while step < total_steps:
@@ -386,6 +387,7 @@ def main(argv=None) -> dict:
             print(f"{stop['signal']}: saved step {step}; continue with: python train.py --resume {run_dir}")
             raise SystemExit(130)
     log.close()
+    train_s = time.time() - t_train  # this process's loop, evaluations during it included
 
     # -- the result -------------------------------------------------------------------------------
     if is_main:
@@ -401,7 +403,10 @@ def main(argv=None) -> dict:
     _log_eval(tb, "trained", final, step)
     results = {"base": history["base"], "trained": final} if "base" in history else {"trained": final}
     write_results(run_dir, results, meta={"config": config, "trainable_params": trainable, "total_params": total,
-                                          "steps": step, "skipped_steps": skipped})
+                                          "steps": step, "skipped_steps": skipped, "train_s": round(train_s, 1),
+                                          "peak_memory_mb": round(peak_memory_mb(device)),
+                                          "peak_memory_kind": "CUDA allocated" if device.startswith("cuda")
+                                          else "process RSS"})
     tb.add_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))},
                    {"final/macro_cer": final["_macro"]["cer"]}, run_name="hparams")
     tb.close()
