@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--dialect", default=None, help="only these dialects (comma-separated)")
     p.add_argument("--max-samples", type=int, default=None, help="clips per dialect (default: all)")
     p.add_argument("--no-routed", action="store_true", help="do not add the routed system")
+    p.add_argument("--systems", default=None, metavar="NAME,...",
+                   help="decode only these systems (e.g. routed), skipping the others (default: all)")
     p.add_argument("--terms", help="file of domain terms, one per line: reports the recall of each per system")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--beam-size", type=int, default=1)
@@ -239,6 +241,14 @@ def run(args, argv) -> dict:
         systems[name] = lambda d, n=name: set_active_adapter(model, n)
     if adapters and not args.no_routed:
         systems["routed"] = lambda d: set_active_adapter(model, route.get(d))
+    if args.systems:  # checked here, where every system's name is known
+        wanted = [s for s in args.systems.split(",") if s]
+        unknown = sorted(set(wanted) - set(systems) - set(checkpoints))
+        if unknown:
+            raise SystemExit(f"error: --systems {','.join(unknown)}: no such system; this run has "
+                             f"{', '.join([*systems, *checkpoints])}")
+        systems = {k: v for k, v in systems.items() if k in wanted}
+        checkpoints = {k: v for k, v in checkpoints.items() if k in wanted}
 
     kw = dict(batch_size=args.batch_size, beam_size=args.beam_size, device=device)
     records, robust = [], []

@@ -250,6 +250,7 @@ def test_bad_clips_are_skipped_counted_and_reported(setup, tmp_path, capsys):
     (["--data", "/no/such/manifest.jsonl"], "does not exist"),
     (["--audio-ctx", "123"], "--audio-ctx"),
     (["--terms", "/no/such/terms.txt"], "--terms"),
+    (["--adapter", "amdo={a}", "--systems", "routd"], "--systems routd: no such system"),
 ])
 def test_bad_input_is_one_clear_line(setup, tmp_path, extra, message):
     garbage = tmp_path / "garbage.safetensors"
@@ -263,6 +264,17 @@ def test_bad_input_is_one_clear_line(setup, tmp_path, extra, message):
     text = str(e.value.code)
     assert text.startswith("error:") and message in text and "\n" not in text, text
     assert not (tmp_path / "o").exists()  # nothing decoded or written
+
+
+def test_systems_decodes_only_the_named_ones(setup, full_run, tmp_path):
+    out = tmp_path / "routed_only"
+    results = evaluate.main(["--model", str(setup / "tiny.pt"), "--data", str(setup / "corpus"),
+                             "--adapter", f"amdo={setup / 'amdo.safetensors'}",
+                             "--adapter", f"kham={setup / 'kham.safetensors'}",
+                             "--systems", "routed", "--out", str(out), *FAST])
+    assert list(results) == ["routed"]
+    assert {u["system"] for u in _utterances(out)} == {"routed"}
+    assert _hyps(_utterances(out), "routed") == _hyps(_utterances(full_run[0]), "routed")
 
 
 def test_help_runs_as_a_script():
