@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -138,7 +139,13 @@ def resume_config(args) -> argparse.Namespace:
     return argparse.Namespace(**saved)
 
 
-def main(argv=None) -> dict:
+def main(argv=None, on_eval=None) -> dict:
+    """Run one training run; returns its results ({} on ranks other than 0).
+
+    on_eval(step, result), when given, is called on rank 0 after every evaluation of the model being trained
+    (each --eval-every step and the final one) with that evaluation's result ({dialect: {"cer": ...}, "_macro":
+    ..., "_micro": ...}): an in-process caller such as tune.py follows the run through it, and stops it by raising.
+    """
     args = parse_args(argv)
     if args.resume:
         args = resume_config(args)
@@ -307,8 +314,9 @@ def main(argv=None) -> dict:
         history["base"] = base_results.get("base", base_results.get("trained"))
         _log_eval(tb, "base", history["base"], 0)
     stop = {"signal": None}
-    signal.signal(signal.SIGINT, lambda s, f: stop.update(signal="SIGINT"))
-    signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
+    if threading.current_thread() is threading.main_thread():  # a caller's worker thread keeps its own handling
+        signal.signal(signal.SIGINT, lambda s, f: stop.update(signal="SIGINT"))
+        signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal="SIGTERM"))
     t_last, samples_since, audio_since = time.time(), 0, 0.0
     t_train = time.time()
     stream = micro_batches(loader, sampler, dataset, epoch, consumed, args.batch_size * world,
@@ -378,6 +386,8 @@ def main(argv=None) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step < total_steps:
             history[f"step{step}"] = evaluate(["trained"])["trained"]
             _log_eval(tb, "trained", history[f"step{step}"], step)
+            if on_eval is not None and is_main:
+                on_eval(step, history[f"step{step}"])
         if args.save_every and step % args.save_every == 0 and is_main:
             _save(run_dir, training_state(), step, args)
         if all_sum(float(bool(stop["signal"])), world):  # any rank interrupted: all stop at this step
@@ -412,6 +422,8 @@ def main(argv=None) -> dict:
     tb.close()
     print(format_table(results))
     print(f"wrote {run_dir}/results.json and results.md")
+    if on_eval is not None:  # last, so a caller that stops the run here still finds it complete
+        on_eval(step, final)
     return results
 
 
