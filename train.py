@@ -28,6 +28,7 @@ from data.samplers import DialectSampler
 from data.sources import DIALECTS, limit_per_dialect, load_examples
 from lora.adapters import save_adapter, set_active_adapter
 from lora.inject import count_parameters, describe_trainable, lora_modules, mark_only_lora_trainable
+from lora.int8 import quantize_frozen_linears, storage_bytes
 from lora.rank import STRATEGIES, apply_rank_strategy
 from whisper_ft import checkpoint as ckpt
 from whisper_ft.augment import add_augment_args, augment_from_args
@@ -75,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--freeze-encoder", action="store_true")
+    g.add_argument("--base-8bit", action="store_true",
+                   help="LoRA only: hold the frozen base's Linear weights in int8, one scale per output channel "
+                        "(bitsandbytes' kernel on CUDA when installed); adapters stay fp32 and load on the fp32 base")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU")
@@ -178,8 +182,16 @@ def main(argv=None, on_eval=None) -> dict:
     torch.manual_seed(args.seed)
 
     # -- model ------------------------------------------------------------------------------------
+    base_8bit = getattr(args, "base_8bit", False)  # absent from the config of a run made before the flag
+    if base_8bit and args.mode != "lora":
+        raise SystemExit("error: --base-8bit is for --mode lora only: it freezes the base in int8, and full "
+                         "fine-tuning trains those weights (drop --base-8bit, or use --mode lora)")
     model = load_model(args.model, device)
-    base_fp = fingerprint(model)
+    base_fp = fingerprint(model)  # of the fp32 base, before any quantisation: adapters stay portable to it
+    if base_8bit:
+        fp32_mb = storage_bytes(model) / 2**20
+        n_int8 = len(quantize_frozen_linears(model))
+        print(f"base in int8: {n_int8} Linear layers, weights {fp32_mb:.0f} MB -> {storage_bytes(model) / 2**20:.0f} MB")
     try:
         language = resolve_language(args.language, fallback=args.language_fallback)
     except ValueError as e:
@@ -415,6 +427,7 @@ def main(argv=None, on_eval=None) -> dict:
     write_results(run_dir, results, meta={"config": config, "trainable_params": trainable, "total_params": total,
                                           "steps": step, "skipped_steps": skipped, "train_s": round(train_s, 1),
                                           "peak_memory_mb": round(peak_memory_mb(device)),
+                                          "model_mb": round(storage_bytes(model) / 2**20, 1),
                                           "peak_memory_kind": "CUDA allocated" if device.startswith("cuda")
                                           else "process RSS"})
     tb.add_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))},
