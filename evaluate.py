@@ -29,6 +29,7 @@ from data.collate import Collator, SpeechDataset
 from data.sources import SourceError, limit_per_dialect, load_examples
 from data.validate import DataError
 from lora.adapters import AdapterMismatchError, load_adapter, set_active_adapter
+from lora.int8 import quantize_frozen_linears
 from lora.layers import check_adapter_name
 from whisper_ft import robustness
 from whisper_ft.encoder import enable_dynamic_audio_ctx
@@ -68,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--robustness", action="store_true",
                    help="N-best perturbation rescoring robustness (NPRR) per system and dialect; see the README")
     p.add_argument("--audio-ctx", default="full", help="full (30 s windows), auto (crop to the batch), or even frames")
+    p.add_argument("--base-8bit", action="store_true",
+                   help="hold the base's Linear weights in int8 (as train.py --base-8bit), adapters on top; "
+                        "--checkpoint models stay fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output directory")
     return p.parse_args(argv)
@@ -216,7 +220,9 @@ def run(args, argv) -> dict:
         skipped[name] = {"rows": dict(report.skipped), "examples": report.named, "at_load": {}}
 
     model = load_model(args.model, device)
-    base_fp = fingerprint(model)
+    base_fp = fingerprint(model)  # of the fp32 weights, which adapters record, also with --base-8bit
+    if args.base_8bit:
+        print(f"base in int8: {len(quantize_frozen_linears(model))} Linear layers")
     for name, path in adapters.items():
         try:
             load_adapter(model, path, name, base_fingerprint=base_fp)
@@ -312,7 +318,7 @@ def run(args, argv) -> dict:
         if s["total"]:
             named = "; ".join(x for xs in s["examples"].values() for x in xs)
             print(f"{name}: skipped {s['total']} clips ({s['summary']})" + (f", e.g. {named}" if named else ""))
-    meta = {"model": args.model, "fingerprint": base_fp, "adapters": adapters, "routes": route if "routed" in systems else {},
+    meta = {"model": args.model, "fingerprint": base_fp, "base_8bit": args.base_8bit, "adapters": adapters, "routes": route if "routed" in systems else {},
             "checkpoints": checkpoints, "data": dict(sources), "languages": dict(zip([n for n, _ in sources], languages)),
             "skipped": skipped, "argv": argv}
     write_results(args.out, results, records, meta)
