@@ -161,7 +161,7 @@ def setup_naive(cfg, device):
 
     def step():
         logits = model(mel, dec)
-        loss = F.cross_entropy(logits.transpose(1, 2), tgt)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()

@@ -176,7 +176,14 @@ class LoRALinear(nn.Linear):
         if name is None or self.merged_adapter == name:
             return out
         A, B = self.lora_factors(name, x.dtype)
-        return out + F.linear(F.linear(self.lora_dropout[name](x), A), B) * self.specs[name].scale
+        drop = self.lora_dropout[name]
+        if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
+            h = _DropoutDown.apply(x, A, drop.p)
+        else:
+            h = F.linear(x, A)
+        # one addmm adds scale * h B^T to the base output: no separate passes to scale and add [..., out]
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.specs[name].scale)
+        return flat.view(out.shape)
 
     def unload(self) -> nn.Linear:
         """The plain layer (the originally wrapped module when there is one) holding the current weight."""
@@ -190,3 +197,38 @@ class LoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}:{s.kind} r={s.r}" for n, s in self.specs.items())
         return f"{super().extra_repr()}, adapters=[{ads}], active={self.active_adapter}, merged={self.merged_adapter}"
+
+
+class _DropoutDown(torch.autograd.Function):
+    """h = dropout(x, p) A^T, keeping x and a 1-byte mask for backward instead of float copies.
+
+    F.dropout on the CPU keeps its float32 mask, and autograd keeps the dropped copy of x for A's gradient:
+    8 bytes per input element per adapted layer. This keeps a bool mask and x itself, which is shared by
+    the layers reading the same input (q and v of one attention, the cross-attention values of every
+    decoder block), and recomputes the dropped input in backward. The mask is drawn by the same
+    bernoulli_ call as F.dropout's, so a seeded run draws the same masks. Under autocast the product is
+    taken in the autocast dtype, as F.linear would be, and the gradients come back in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, p):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        with torch.autocast(device, enabled=False):
+            h = F.linear((x * keep).to(dtype), A.to(dtype)) * (1 / (1 - p))
+        ctx.save_for_backward(x, A, keep)
+        ctx.p, ctx.dtype = p, dtype
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, A, keep = ctx.saved_tensors
+        g = grad_h.to(ctx.dtype) * (1 / (1 - ctx.p))  # the dropout's scale, on the small [..., r] side
+        grad_x = grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ A.to(ctx.dtype)).mul_(keep).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = (x * keep).to(ctx.dtype)
+            grad_A = (g.reshape(-1, g.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])).to(A.dtype)
+        return grad_x, grad_A, None
