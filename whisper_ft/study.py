@@ -116,6 +116,18 @@ def _run(script: str, argv: list[str], run_dir: str, log_path: str) -> dict:
     return {"wall_s": round(time.time() - t0, 1), "max_rss_mb": round(usage.ru_maxrss / 1024)}
 
 
+def code_version() -> str:
+    """The checkout's commit (+ "-dirty" when tracked files differ), recorded with each step; "unknown" outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
 def _done(run_dir: str, cmd: list[str]) -> dict | None:
     """The record of a finished step run with `cmd`, None if not finished; an error if run with other settings."""
     record_path = os.path.join(run_dir, "study_step.json")
@@ -139,7 +151,7 @@ def run_step(script: str, argv: list[str], run_dir: str, log_path: str) -> dict:
     if resume:  # interrupted: train.py continues from its own latest checkpoint and config
         print(f"resuming {run_dir}")
     usage = _run(script, ["--resume", run_dir] if resume else argv, run_dir, log_path)
-    record = {**usage, "cmd": cmd, "resumed": resume}
+    record = {**usage, "cmd": cmd, "resumed": resume, "code": code_version()}
     with open(os.path.join(run_dir, "study_step.json"), "w") as f:
         json.dump(record, f, indent=2)
     return {**record, "reused": False}

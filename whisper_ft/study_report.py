@@ -10,6 +10,8 @@ import shutil
 import statistics
 import time
 
+from whisper_ft.study import code_version
+
 REPORT_DIR = "report"
 
 
@@ -160,7 +162,9 @@ def build(study: dict, out: str, steps: dict, command: list[str], study_wall_s: 
               if isinstance(r, dict) and r.get("wer_note")), None)
     return {"command": " ".join(command), "scale": study["scale"], "scale_config": study["scale_config"],
             "target": target, "dialects": dialects, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "study_wall_s": round(study_wall_s, 1), "research_source": (study.get("research") or {}).get("source"),
+            "study_wall_s": round(study_wall_s, 1), "steps_wall_s": round(sum(s["wall_s"] for s in steps.values()), 1),
+            "code": code_version(),
+            "step_code": {name: s.get("code", "unknown") for name, s in steps.items()}, "research_source": (study.get("research") or {}).get("source"),
             "wer_note": wer_note, "tables": tables,
             "findings": findings(study, cer, init_of), "report_dir": report_dir}
 
@@ -249,10 +253,13 @@ def write(report: dict, out: str) -> str:
 
 def to_markdown(report: dict, plots: list[str]) -> str:
     lines = [f"# Dialect study, scale `{report['scale']}`", "",
-             f"Command: `{report['command']}`  ", f"Date: {report['date']}; whole study {report['study_wall_s']:.0f} s "
-             "wall (reused steps count 0).  ",
+             f"Command: `{report['command']}`  ", f"Date: {report['date']}. Wall time: {report['steps_wall_s']:.0f} s for all steps when they ran; "
+             f"{report['study_wall_s']:.0f} s for this command (steps it reused count 0).  ",
              f"Model `{report['scale_config'].get('model')}`, data `{report['scale_config'].get('data')}`, "
              f"target dialect `{report['target']}`.  ",
+             f"Code: {report['code']} for this report; the steps ran at "
+             + "; ".join(f"{code} ({', '.join(k for k, v in report['step_code'].items() if v == code)})"
+                         for code in dict.fromkeys(report["step_code"].values())) + ".  ",
              "Every number below is in `report.json` with the file, system, dialect and metric it comes from "
              "(`runs/<arm>/` holds each run's config.json and results.json); \"paper\" columns are "
              f"{report['research_source'] or 'the research notes'}.", ""]
