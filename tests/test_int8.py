@@ -147,7 +147,7 @@ def test_train_base_8bit_end_to_end_and_the_adapter_loads_on_the_fp32_base(train
     args = ["--model", str(train_setup / "tiny.pt"), "--data", str(train_setup / "corpus"), "--dialect", "amdo,kham",
             "--samples", 8, "--batch-size", 8, "--grad-accum", 1, "--max-steps", 20, "--warmup-steps", 1,
             "--schedule", "constant", "--lr", "1e-2", "--lora-r", 8, "--lora-targets", "attn", "--no-base-eval",
-            "--eval-batch-size", 4]
+            "--eval-batch-size", 3, "--eval-samples", 1]
     train.main(list(map(str, args + ["--out", out, "--base-8bit"])))
     results = json.loads((out / "results.json").read_text())
     assert json.loads((out / "config.json").read_text())["base_8bit"] is True
@@ -175,6 +175,14 @@ def test_train_base_8bit_end_to_end_and_the_adapter_loads_on_the_fp32_base(train
         untrained = base(mel, inp)
     gap, effect = float((a - b).norm()), float((a - untrained).norm())
     assert gap < 0.1 * float(a.norm()) and gap < effect / 2, (gap, effect, float(a.norm()))
+
+    # evaluate.py --base-8bit scores the base and the adapter on the int8 base
+    import evaluate
+    results = evaluate.main(["--model", str(train_setup / "tiny.pt"), "--adapter", f"amdo={out}",
+                             "--data", str(train_setup / "corpus"), "--base-8bit", "--no-routed",
+                             "--batch-size", "3", "--max-samples", "1", "--out", str(tmp_path / "eval")])
+    assert {"base", "amdo"} <= set(results) and results["amdo"]["_macro"]["cer"] is not None
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["_meta"]["base_8bit"] is True
 
 
 def test_base_8bit_with_full_fine_tuning_is_a_clear_error(train_setup, tmp_path):
