@@ -156,19 +156,32 @@ def setup_naive(cfg, device):
             attn.value = NaiveLoRA.wrap(attn.value, LORA["r"], LORA["alpha"], LORA["dropout"])
     model.to(device).train()
     mel, _, dec, tgt = (t.to(device) for t in make_inputs(False))
+
+    def loss_fn():
+        logits = model(mel, dec)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+
+    return (*plain_loop_step(model, loss_fn), model)
+
+
+def plain_loop_step(model, loss_fn):
+    """The peers' step as a tutorial writes it: plain AdamW over the trainable parameters, clip, step.
+
+    Returns (step, trainable parameter count); step() runs loss_fn, backward and the update, returns the loss."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR["lora"], weight_decay=WEIGHT_DECAY)
 
     def step():
-        logits = model(mel, dec)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return step, sum(p.numel() for p in params), model
+    return step, sum(p.numel() for p in params)
 
 
 def setup_hf(cfg, device):
@@ -187,18 +200,8 @@ def setup_hf(cfg, device):
                                              target_modules=["q_proj", "v_proj"]))
     model.to(device).train()
     mel, _, dec, tgt = (t.to(device) for t in make_inputs(False))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR["lora"], weight_decay=WEIGHT_DECAY)
-
-    def step():
-        loss = model(input_features=mel, decoder_input_ids=dec, labels=tgt).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step, sum(p.numel() for p in params), model
+    return (*plain_loop_step(model, lambda: model(input_features=mel, decoder_input_ids=dec, labels=tgt).loss),
+            model)
 
 
 def flop_counter():

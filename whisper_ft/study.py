@@ -94,7 +94,7 @@ def eval_argvs(study: dict, out: str) -> dict:
 
 # --- running, with skip-if-done -------------------------------------------------------------------
 
-def _run(script: str, argv: list[str], run_dir: str, log_path: str) -> dict:
+def _run(script: str, argv: list[str], log_path: str) -> dict:
     """Run `python script argv` as a child; its wall time and peak RSS are read from its own rusage."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     print(f"$ python {script} {' '.join(argv)}  (log: {log_path})", flush=True)
@@ -150,7 +150,7 @@ def run_step(script: str, argv: list[str], run_dir: str, log_path: str) -> dict:
     resume = script == "train.py" and latest_checkpoint(run_dir) is not None
     if resume:  # interrupted: train.py continues from its own latest checkpoint and config
         print(f"resuming {run_dir}")
-    usage = _run(script, ["--resume", run_dir] if resume else argv, run_dir, log_path)
+    usage = _run(script, ["--resume", run_dir] if resume else argv, log_path)
     record = {**usage, "cmd": cmd, "resumed": resume, "code": code_version()}
     with open(os.path.join(run_dir, "study_step.json"), "w") as f:
         json.dump(record, f, indent=2)
