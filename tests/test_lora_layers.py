@@ -11,6 +11,7 @@ from whisper.model import ModelDimensions, Whisper
 from conftest import make_tiny_model
 from lora import (TARGET_PRESETS, AdapterSpec, LoRALinear, add_lora, count_parameters, describe_trainable,
                   find_targets, lora_modules, mark_only_lora_trainable, set_active_adapter)
+from lora.layers import keep_mask
 
 
 # -- helpers shared by the test_lora_* files ----------------------------------------------------------------
@@ -76,13 +77,55 @@ def test_dropout_applies_to_lora_path_only():
     torch.manual_seed(5)
     y = m(x)
     torch.manual_seed(5)
-    x_dropped = F.dropout(x, 0.5, training=True)
+    keep, scale = keep_mask(x, 0.5)
+    x_dropped = x * keep * scale
     base = F.linear(x, m.weight, m.bias)
     expected = base + x_dropped @ m.lora_A["a"].T @ m.lora_B["a"].T * 1.0
     torch.testing.assert_close(y, expected)
     assert not torch.allclose(y - base, x @ m.lora_A["a"].T @ m.lora_B["a"].T)  # the dropout did act
     m.set_active(None)
     assert torch.equal(m(x), base)
+
+
+def test_keep_mask_drops_at_rate_p_and_stays_unbiased():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000)
+    for p in (0.05, 0.3):
+        keep, scale = keep_mask(x, p)
+        assert keep.shape == x.shape and keep.dtype == torch.bool
+        assert abs((1 - keep.float().mean().item()) - p) < 0.002  # 1e6 draws: sd ~0.0005
+        assert abs((x * keep * scale).mean().item() - 1) < 0.003
+        assert abs(scale * (1 - p) - 1) < 1e-4  # p rounded to 1/65536 only
+    a, _ = keep_mask(x, 0.3)
+    b, _ = keep_mask(x, 0.3)
+    assert not torch.equal(a, b)  # fresh draws each call
+    # neighbouring elements come from different 16-bit lanes of one 64-bit draw: no correlation
+    flat = a.flatten().float()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
+
+
+def test_dropout_path_gradients_match_autograd_with_the_same_mask():
+    torch.manual_seed(0)
+    m = LoRALinear.from_linear(nn.Linear(16, 12))
+    m.add_adapter("a", AdapterSpec(r=4, alpha=8, dropout=0.25))
+    m.set_active("a")
+    m.train()
+    with torch.no_grad():
+        m.lora_B["a"].normal_()
+    x = torch.randn(5, 7, 16, requires_grad=True)
+    grad_out = torch.randn(5, 7, 12)
+    torch.manual_seed(3)
+    m(x).backward(grad_out)
+    got = (x.grad.clone(), m.lora_A["a"].grad.clone(), m.lora_B["a"].grad.clone())
+    for t in (x, m.lora_A["a"], m.lora_B["a"]):
+        t.grad = None
+    torch.manual_seed(3)
+    keep, scale = keep_mask(x, 0.25)
+    A, B = m.lora_A["a"], m.lora_B["a"]
+    ref = F.linear(x, m.weight, m.bias) + (x * keep * scale) @ A.T @ B.T * m.specs["a"].scale
+    ref.backward(grad_out)
+    for g, t in zip(got, (x, A, B)):
+        torch.testing.assert_close(g, t.grad)
 
 
 def test_forward_casts_to_input_dtype_like_whisper_linear():
