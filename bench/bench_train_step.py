@@ -97,8 +97,8 @@ def setup_ours(cfg, device):
     else:
         model.requires_grad_(True)
     mel, n_frames, dec, tgt = make_inputs(cfg["short"])
+    enable_dynamic_audio_ctx(model)  # as train.py does, at every --audio-ctx
     if cfg["short"]:
-        enable_dynamic_audio_ctx(model)
         mel = mel[:, :, : Collator(None, audio_ctx="auto").frames_for(n_frames.tolist())]
     batch = Batch(mel=mel, n_frames=n_frames, decoder_input=dec, targets=tgt, dialects=["x"] * BATCH,
                   texts=[""] * BATCH, ids=[str(i) for i in range(BATCH)])

@@ -171,19 +171,21 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # cast like whisper.model.Linear, so an fp16 model runs without autocast
-        out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        weight, bias = self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
         name = self.active_adapter
         if name is None or self.merged_adapter == name:
-            return out
+            return F.linear(x, weight, bias)
         A, B = self.lora_factors(name, x.dtype)
         drop = self.lora_dropout[name]
         if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
             h = _DropoutDown.apply(x, A, drop.p)
         else:
             h = F.linear(x, A)
-        # one addmm adds scale * h B^T to the base output: no separate passes to scale and add [..., out]
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.specs[name].scale)
-        return flat.view(out.shape)
+        # The base output is a fresh 2-d tensor that no backward reads, so one in-place addmm_ adds
+        # scale * h B^T to it: no copy of [..., out] and no second buffer of that size.
+        out = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+        out.addmm_(h.reshape(-1, h.shape[-1]).to(out.dtype), B.t().to(out.dtype), alpha=self.specs[name].scale)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def unload(self) -> nn.Linear:
         """The plain layer (the originally wrapped module when there is one) holding the current weight."""
@@ -216,7 +218,7 @@ class _DropoutDown(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         keep, scale = keep_mask(x, p)
         with torch.autocast(device, enabled=False):
-            h = F.linear((x * keep).to(dtype), A.to(dtype)) * scale
+            h = F.linear(torch.where(keep, x, 0).to(dtype), A.to(dtype)) * scale  # where: no float copy of the mask
         ctx.save_for_backward(x, A, keep)
         ctx.scale, ctx.dtype = scale, dtype
         return h
@@ -227,9 +229,9 @@ class _DropoutDown(torch.autograd.Function):
         g = grad_h.to(ctx.dtype) * ctx.scale  # the dropout's scale, on the small [..., r] side
         grad_x = grad_A = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ A.to(ctx.dtype)).mul_(keep).to(x.dtype)
+            grad_x = torch.where(keep, g @ A.to(ctx.dtype), 0).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = (x * keep).to(ctx.dtype)
+            dropped = torch.where(keep, x, 0).to(ctx.dtype)
             grad_A = (g.reshape(-1, g.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])).to(A.dtype)
         return grad_x, grad_A, None
 

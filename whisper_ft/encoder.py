@@ -43,7 +43,9 @@ def encode(model, mel: torch.Tensor) -> torch.Tensor:
     enc = model.encoder
     x = F.gelu(enc.conv1(mel))
     x = F.gelu(enc.conv2(x))
-    x = x.permute(0, 2, 1)
+    # contiguous: whisper's permuted view makes every residual add keep the [B, C, T] layout, and then
+    # every LayerNorm, forward and backward, copies its input to contiguous first
+    x = x.permute(0, 2, 1).contiguous()
     x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
     for block in enc.blocks:
         x = block(x)
