@@ -35,6 +35,7 @@ from whisper_ft import robustness
 from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.evaluation import (eval_batches, evaluate_systems, format_table, format_terms, summarize,
                                    term_recall, token_limit, write_chart, write_results)
+from whisper_ft.host_memory import keep_freed_memory
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
 from whisper_ft.text import resolve_language, tokenizer_for
 
@@ -182,6 +183,8 @@ def main(argv=None) -> dict:
 
 def run(args, argv) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cpu":
+        keep_freed_memory()  # activations live in host memory: reuse it instead of faulting in new pages
     sources = parse_data(args.data or ["demo"])
     languages = args.language or ["bo"]
     if len(languages) not in (1, len(sources)):

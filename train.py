@@ -34,6 +34,7 @@ from whisper_ft import checkpoint as ckpt
 from whisper_ft.augment import add_augment_args, augment_from_args
 from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.evaluation import evaluate_systems, format_table, write_results
+from whisper_ft.host_memory import keep_freed_memory
 from whisper_ft.models import ModelSpecError, export_openai, fingerprint, load_model
 from whisper_ft.specaugment import add_specaugment_args, make_generator, specaugment_from_args
 from whisper_ft.text import resolve_language, tokenizer_for
@@ -159,6 +160,8 @@ def main(argv=None, on_eval=None) -> dict:
     is_main = rank == 0
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{local_rank}"
+    if device == "cpu":
+        keep_freed_memory()  # activations live in host memory: reuse it instead of faulting in new pages
     run_dir = args.out or os.path.join("runs", time.strftime("%Y-%m-%d_%H%M%S"))
     if world > 1:  # every rank must write to rank 0's directory, even if their clocks crossed a second
         shared = [run_dir]

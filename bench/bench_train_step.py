@@ -20,6 +20,9 @@ child's max RSS from os.wait4 on CPU, CUDA peak allocated on a GPU. Rows:
                  are what such clips cost them (the zero padding costs the same as speech)
   ... bf16       ours LoRA under CPU bf16 autocast, where the CPU has avx512_bf16; its losses are printed
                  next to fp32's at the same inputs and steps
+  ... kept heap  HF+PEFT with the allocator setting ours runs with on a CPU (whisper_ft/host_memory.py:
+                 freed memory stays in the heap, so activations do not arrive as fresh pages every step),
+                 to show how much of ours' lead that setting is
 Model FLOPs of one step are counted with torch.utils.flop_counter.FlopCounterMode on the warm-up step
 (matmuls, convolutions, attention; the CPU flash-attention kernels added below), and shown as a fraction of
 the fp32 GEMM peak measured in this run (a large torch.matmul). Other work shares the CPU: configurations
@@ -227,6 +230,10 @@ def worker(cfg) -> dict:
 
     torch.set_num_threads(cfg["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and (cfg["system"] == "ours" or cfg.get("kept_heap")):  # train.py does it on CPU
+        sys.path.insert(0, ROOT)
+        from whisper_ft.host_memory import keep_freed_memory
+        keep_freed_memory()
     setup = {"ours": setup_ours, "naive": setup_naive, "hf": setup_hf}[cfg["system"]]
     step, trainable, model = setup(cfg, device)
 
@@ -313,6 +320,8 @@ def label(cfg) -> str:
         s += f", dyn ctx {SHORT_S[0]:g}-{SHORT_S[1]:g} s"
     if cfg["amp"] == "bf16":
         s += ", bf16 autocast"
+    if cfg.get("kept_heap"):
+        s += ", kept heap"
     return s
 
 
@@ -327,7 +336,8 @@ def bf16_supported() -> bool:
 def configs(dims_name, common, bf16):
     """The order configurations run in: peers and ours alternate, so a load change hits both."""
     c = dict(common, dims=dims_name, short=False, amp="fp32", mode="lora")
-    out = [dict(c, system="hf"), dict(c, system="ours"), dict(c, system="naive"), dict(c, system="ours", mode="full"),
+    out = [dict(c, system="hf"), dict(c, system="ours"), dict(c, system="hf", kept_heap=True), dict(c, system="naive"),
+           dict(c, system="ours", mode="full"),
            dict(c, system="ours", short=True), dict(c, system="ours", mode="full", short=True)]
     if bf16:
         out.append(dict(c, system="ours", amp="bf16"))
