@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from whisper_ft.audio import to_16k_mono  # noqa: E402
 from whisper_ft.decoding import decode  # noqa: E402
+from whisper_ft.host_memory import keep_freed_memory  # noqa: E402
 from whisper_ft.metrics import score_corpus  # noqa: E402
 
 SENTENCES = [
@@ -113,8 +114,12 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="clips per batch for the dynamic-context row")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs; the best wall time counts")
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--default-heap", action="store_true",
+                    help="leave glibc's allocator as it is (evaluate.py keeps freed memory on a CPU; so does this "
+                         "bench by default, for every system alike)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    heap = "glibc default" if args.default_heap else ("kept (as evaluate.py)" if keep_freed_memory() else "default")
     load_before = os.getloadavg()
 
     clips, refs = synthesize(args.clips)
@@ -126,7 +131,7 @@ def main(argv=None):
     mel = torch.stack([transcribe_mel(c) for c in clips])
     print(f"model {model_name}; {len(clips)} clips of {min(secs):.1f}-{max(secs):.1f} s "
           f"(total {sum(secs):.0f} s); torch threads {torch.get_num_threads()}; "
-          f"load average before {load_before[0]:.2f}")
+          f"load average before {load_before[0]:.2f}; heap {heap}")
 
     with torch.no_grad():  # warm-up: first-call allocations and kernel selection
         decode(model, mel[:1, :, :400], tokenizer, max_tokens=2)
