@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
 
 
 def _faults(apply: bool) -> tuple[str, int]:
-    import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", _PROBE.format(root=root, apply=apply)], capture_output=True,
                          text=True, check=True).stdout.split()
