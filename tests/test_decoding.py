@@ -93,6 +93,21 @@ def test_batched_greedy_with_dynamic_ctx_matches_whisper_on_patched_encoder(toke
     assert_same(ours, theirs)
 
 
+def test_30s_features_are_whisper_encoders_and_a_hooked_encoder_still_runs(mels):
+    model = lively_model()
+    with torch.no_grad():
+        plain = decoding.audio_features_for(model, mels[:2])
+        assert torch.equal(plain, model.encoder(mels[:2]))  # encode() ran: bitwise the same
+        # a forward hook on the encoder changes its output: decode must go through the encoder then
+        handle = model.encoder.register_forward_hook(lambda mod, inp, out: out * 0)
+        try:
+            assert torch.count_nonzero(decoding.audio_features_for(model, mels[:2])) == 0
+            assert torch.equal(decoding.audio_features_for(model, mels[:2, :, :600]),
+                               encode(model, mels[:2, :, :600]))  # shorter: only encode() can
+        finally:
+            handle.remove()
+
+
 def test_timestamp_mode_matches_whisper(tokenizer, mels):
     model = lively_model()
     ours = decode(model, mels[:3], tokenizer, max_tokens=MAX, loop_guard=False, timestamps=True)
