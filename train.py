@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_specaugment_args(g)
     add_augment_args(g)
     g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (0: only at start and end)")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (0: only at start and end); keeps the best "
+                   "(lowest macro CER) as adapter_best.safetensors or model_best.pt")
     g.add_argument("--eval-samples", type=int, default=None, help="test clips per dialect (default: all)")
     g.add_argument("--eval-batch-size", type=int, default=16)
     g.add_argument("--beam-size", type=int, default=1)
@@ -298,6 +299,21 @@ def main(argv=None, on_eval=None) -> dict:
             state["rank_hook"] = rank_hook.state_dict()
         return state
 
+    def keep_best(result):
+        """With --eval-every: an evaluation with a new lowest macro CER saves checkpoints/best.pt (a resumable
+        state) and the model as it was then, as adapter_best.safetensors (LoRA) or model_best.pt (full)."""
+        cer = result.get("_macro", {}).get("cer")
+        prev = history.get("best")
+        if cer is None or (prev is not None and cer >= prev["macro_cer"]):
+            return
+        history["best"] = {"step": step, "macro_cer": cer}  # before training_state(), so a resume keeps it
+        ckpt.save_checkpoint(run_dir, training_state(), step, keep_last=args.keep_last, is_best=True)
+        if args.mode == "lora":
+            save_adapter(model, os.path.join(run_dir, "adapter_best.safetensors"), adapter_name,
+                         base_fingerprint=base_fp, metadata={"config": config, "dialect": args.dialect, "steps": step})
+        else:
+            export_openai(model, os.path.join(run_dir, "model_best.pt"))
+
     def systems():
         """What evaluation compares: the untouched base and the model being trained."""
         if args.mode == "lora":
@@ -401,6 +417,8 @@ def main(argv=None, on_eval=None) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step < total_steps:
             history[f"step{step}"] = evaluate(["trained"])["trained"]
             _log_eval(tb, "trained", history[f"step{step}"], step)
+            if is_main:
+                keep_best(history[f"step{step}"])
             if on_eval is not None and is_main:
                 on_eval(step, history[f"step{step}"])
         if args.save_every and step % args.save_every == 0 and is_main:
@@ -426,9 +444,12 @@ def main(argv=None, on_eval=None) -> dict:
     if not is_main:
         return {}
     _log_eval(tb, "trained", final, step)
+    if args.eval_every:
+        keep_best(final)
     results = {"base": history["base"], "trained": final} if "base" in history else {"trained": final}
     write_results(run_dir, results, meta={"config": config, "trainable_params": trainable, "total_params": total,
                                           "steps": step, "skipped_steps": skipped, "train_s": round(train_s, 1),
+                                          "best": history.get("best"),
                                           "peak_memory_mb": round(peak_memory_mb(device)),
                                           "model_mb": round(storage_bytes(model) / 2**20, 1),
                                           "peak_memory_kind": "CUDA allocated" if device.startswith("cuda")
@@ -438,6 +459,9 @@ def main(argv=None, on_eval=None) -> dict:
     tb.close()
     print(format_table(results))
     print(f"wrote {run_dir}/results.json and results.md")
+    if history.get("best"):
+        print(f"best evaluation: step {history['best']['step']}, macro CER {history['best']['macro_cer']:.3f} "
+              f"({'adapter_best.safetensors' if args.mode == 'lora' else 'model_best.pt'}, checkpoints/best.pt)")
     if on_eval is not None:  # last, so a caller that stops the run here still finds it complete
         on_eval(step, final)
     return results

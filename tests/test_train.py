@@ -66,6 +66,32 @@ def test_tensorboard_has_the_listed_tags(setup, tmp_path):
     assert config["max_steps"] == 2 and config["mode"] == "lora"
 
 
+def test_eval_every_keeps_the_best_evaluation(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from lora.adapters import read_adapter_metadata
+
+    out = tmp_path / "best"
+    train.main(_args(setup, out, "--max-steps", 4, "--batch-size", 2, "--grad-accum", 1, "--lr", "3e-2",
+                     "--eval-every", 1, "--eval-samples", 2, "--no-base-eval", "--keep-last", 1))
+    cers = {e.step: e.value for e in _scalars(out).Scalars("eval_trained/_macro/cer")}
+    assert sorted(cers) == [1, 2, 3, 4]  # three evaluations during the run, then the final one
+    best = json.loads((out / "results.json").read_text())["_meta"]["best"]
+    first_min = min(cers, key=lambda s: (cers[s], s))  # a later tie does not replace the best
+    assert best["step"] == first_min and best["macro_cer"] == pytest.approx(cers[first_min], abs=1e-6)
+    state = ckpt.load_checkpoint(out / "checkpoints" / "best.pt")
+    assert state["step"] == best["step"]
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(out)] == ["ckpt-00000004.pt"]  # keep-last 1
+    meta = read_adapter_metadata(out / "adapter_best.safetensors")
+    assert meta["user_metadata"]["steps"] == best["step"]
+    best_tensors = load_file(out / "adapter_best.safetensors")
+    final_tensors = load_file(out / "adapter.safetensors")
+    for key, t in best_tensors.items():  # the adapter file is the checkpoint's LoRA state at that step
+        assert torch.equal(t, state["model"][f"{key}.{meta['name']}"])
+    if best["step"] != 4:  # and, unless the last step was best, not the final adapter
+        assert any(not torch.equal(t, final_tensors[k]) for k, t in best_tensors.items())
+
+
 def _batches(setup, sizes):
     import whisper
     examples, _ = load_examples(str(setup / "corpus"), "train")
