@@ -60,6 +60,7 @@ class LoRALinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self._init_lora(wrapped=linear)
+        self.train(linear.training)  # a model already in eval() must not get dropout switched on
         return self
 
     def _init_lora(self, wrapped):
@@ -84,7 +85,9 @@ class LoRALinear(nn.Linear):
         if spec.r < 1:
             raise ValueError(f"adapter rank r={spec.r} must be >= 1")
         self.specs[name] = spec
-        self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        # in this layer's mode: a new nn.Dropout starts in training mode, which in an eval()'d model would
+        # leave dropout on while decoding
+        self.lora_dropout[name] = (nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()).train(self.training)
         self._set_factors(name, *self._initial_factors(spec))
 
     def _initial_factors(self, spec):

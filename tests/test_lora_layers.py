@@ -87,6 +87,26 @@ def test_dropout_applies_to_lora_path_only():
     assert torch.equal(m(x), base)
 
 
+def test_adapters_added_to_an_eval_model_decode_without_dropout():
+    # evaluate.py loads adapters into a model that load_model already put in eval(): a new nn.Dropout starts
+    # in training mode, which had left LoRA dropout on while decoding (results changed from run to run)
+    model = tiny().eval()
+    add_lora(model, "a", targets="qv", r=4, alpha=8, dropout=0.5)
+    randomize_lora(model, "a")
+    add_lora(model, "b", targets="qv", r=4, alpha=8, dropout=0.5)  # onto layers that are LoRALinear already
+    drops = [d for m in lora_modules(model).values() for d in m.lora_dropout.values()]
+    assert len(drops) == 2 * len(lora_modules(model)) and not any(d.training for d in drops)
+    set_active_adapter(model, "a")
+    torch.manual_seed(0)
+    first = logits(model)
+    torch.manual_seed(1)
+    assert torch.equal(logits(model), first)  # other random draws, same output: no dropout
+    model.train()
+    assert all(d.training for d in drops)
+    torch.manual_seed(1)
+    assert not torch.equal(logits(model), first)  # in training mode it does drop
+
+
 def test_keep_mask_drops_at_rate_p_and_stays_unbiased():
     torch.manual_seed(0)
     x = torch.ones(1000, 1000)

@@ -49,7 +49,10 @@ def token_limit(dataset, tokenizer) -> int:
 @torch.no_grad()
 def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, language: str, batch_size: int = 16,
                      beam_size: int = 1, max_tokens: int | None = None, device="cpu", n_examples: int = 3):
-    """Return ({system: {dialect: metrics, "_macro": ..., "_micro": ...}}, per-utterance records)."""
+    """Return ({system: {dialect: metrics, "_macro": ..., "_micro": ...}}, per-utterance records).
+
+    Puts `model` in eval mode (no dropout while decoding); a caller that trains afterwards calls .train()."""
+    model.eval()
     max_tokens = max_tokens or token_limit(dataset, tokenizer)
     records = []
     for dialect, batch in eval_batches(dataset, collator, batch_size):
