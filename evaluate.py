@@ -29,15 +29,15 @@ from data.collate import Collator, SpeechDataset
 from data.sources import SourceError, limit_per_dialect, load_examples
 from data.validate import DataError
 from lora.adapters import AdapterMismatchError, load_adapter, set_active_adapter
-from lora.int8 import quantize_frozen_linears
 from lora.layers import check_adapter_name
-from whisper_ft import robustness
+from research import robustness
+from scoring.evaluation import eval_batches, evaluate_systems, summarize, token_limit
+from scoring.metrics import term_recall
+from scoring.tables import format_table, format_terms, write_chart, write_results
+from training.setup import choose_device, language_of, load_base
 from whisper_ft.encoder import enable_dynamic_audio_ctx
-from whisper_ft.evaluation import (eval_batches, evaluate_systems, format_table, format_terms, summarize,
-                                   term_recall, token_limit, write_chart, write_results)
-from whisper_ft.host_memory import keep_freed_memory
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
-from whisper_ft.text import resolve_language, tokenizer_for
+from whisper_ft.text import tokenizer_for
 
 RESERVED = ("base", "routed")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -182,33 +182,50 @@ def main(argv=None) -> dict:
 
 
 def run(args, argv) -> dict:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cpu":
-        keep_freed_memory()  # activations live in host memory: reuse it instead of faulting in new pages
+    """Check every argument, load the test sets, decode them under every system, score, write the tables."""
+    plan = check_args(args)  # before anything slow: a wrong flag costs seconds
+    device = choose_device(args.device)
+    data, skipped = load_data(plan, args)
+    model, base_fp = load_base(args.model, device, base_8bit=args.base_8bit)
+    systems, checkpoints, route = choose_systems(model, base_fp, plan, data, args, device)
+    records, robust, failures = decode_all(model, systems, checkpoints, data, args, plan["audio_ctx"], device)
+    results = tabulate(records, robust, data, [*systems, *checkpoints], plan["terms"])
+    for name, s in skipped.items():
+        s["at_load"] = failures.get(name, {})
+    meta = {"model": args.model, "fingerprint": base_fp, "base_8bit": args.base_8bit, "adapters": plan["adapters"],
+            "routes": route if "routed" in systems else {}, "checkpoints": checkpoints, "data": dict(plan["sources"]),
+            "languages": dict(zip([n for n, _ in plan["sources"]], plan["languages"])),
+            "skipped": summarize_skipped(skipped), "argv": argv}
+    write_all(args.out, results, records, robust, meta)
+    return results
+
+
+def check_args(args) -> dict:
+    """Every command-line value parsed and checked, before any data or model is loaded."""
     sources = parse_data(args.data or ["demo"])
     languages = args.language or ["bo"]
     if len(languages) not in (1, len(sources)):
         raise SystemExit(f"error: {len(languages)} --language values for {len(sources)} --data sources: give one, or one each")
-    try:
-        languages = [resolve_language(lang, fallback=args.language_fallback) for lang in (languages * len(sources) if len(languages) == 1 else languages)]
-    except ValueError as e:
-        raise SystemExit(f"error: --language: {e}") from None
+    languages = [language_of(lang, args.language_fallback)
+                 for lang in (languages * len(sources) if len(languages) == 1 else languages)]
     adapters = parse_adapters(args.adapter)
-    routes = parse_routes(args.route, adapters)
     checkpoints = {}
     for path in args.checkpoint:
         name = _system_name(path)
         if name in checkpoints or name in adapters or name in RESERVED:
             raise SystemExit(f"error: --checkpoint {path}: system name {name!r} is already taken; rename the file")
         checkpoints[name] = checkpoint_spec(path)
-    audio_ctx = _audio_ctx(args.audio_ctx)
-    terms = _read_terms(args.terms) if args.terms else None
-    dialects = set(args.dialect.split(",")) if args.dialect else None
-    multi = len(sources) > 1
+    return {"sources": sources, "languages": languages, "adapters": adapters,
+            "routes": parse_routes(args.route, adapters), "checkpoints": checkpoints,
+            "audio_ctx": _audio_ctx(args.audio_ctx), "terms": _read_terms(args.terms) if args.terms else None,
+            "dialects": set(args.dialect.split(",")) if args.dialect else None}
 
-    # every source loaded and validated up front: bad rows are counted, and a wrong --data fails in seconds
-    data, skipped = [], {}
-    for (name, spec), language in zip(sources, languages):
+
+def load_data(plan: dict, args) -> tuple[list, dict]:
+    """[(source name, language, examples)] and the rows skipped per source: every source loaded and validated up
+    front, so bad rows are counted and a wrong --data fails in seconds."""
+    data, skipped, dialects = [], {}, plan["dialects"]
+    for (name, spec), language in zip(plan["sources"], plan["languages"]):
         examples, report = load_examples(spec, args.split, language=language)
         print(report.summary())
         present = sorted({e.dialect for e in examples})
@@ -221,34 +238,35 @@ def run(args, argv) -> dict:
                              + " (check --dialect / --split, and the skipped rows above)")
         data.append((name, language, examples))
         skipped[name] = {"rows": dict(report.skipped), "examples": report.named, "at_load": {}}
+    return data, skipped
 
-    model = load_model(args.model, device)
-    base_fp = fingerprint(model)  # of the fp32 weights, which adapters record, also with --base-8bit
-    if args.base_8bit:
-        print(f"base in int8: {len(quantize_frozen_linears(model))} Linear layers")
+
+def choose_systems(model, base_fp, plan: dict, data: list, args, device):
+    """({system: activate(dialect)} on the base model, {checkpoint system: spec}, {dialect: adapter or None}).
+
+    The adapters are loaded into the base model here; `activate` switches to a system's adapter (none for
+    the base) before a batch of that dialect is decoded, so `routed` is exact per utterance."""
+    adapters, routes, checkpoints = plan["adapters"], plan["routes"], dict(plan["checkpoints"])
     for name, path in adapters.items():
         try:
             load_adapter(model, path, name, base_fingerprint=base_fp)
         except (AdapterMismatchError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
     model.to(device)
-    if audio_ctx != "full":
+    if plan["audio_ctx"] != "full":
         enable_dynamic_audio_ctx(model)
     print(f"model {args.model} ({base_fp}) on {device}; adapters {sorted(adapters) or 'none'}")
-
     found = sorted({e.dialect for _, _, examples in data for e in examples})
     route = {d: routes.get(d, d if d in adapters else None) for d in found}
     for d in sorted(set(routes) - set(found)):
         print(f"note: --route {d}={routes[d]}: no clip of dialect {d!r} in the data ({found})")
+    systems = {"base": lambda d: set_active_adapter(model, None)}
+    systems.update({name: lambda d, n=name: set_active_adapter(model, n) for name in adapters})
     if adapters and not args.no_routed:
         unused = sorted(set(adapters) - set(route.values()))
         if unused:
             print(f"note: routing uses no dialect for adapters {unused} (dialects: {found}); use --route DIALECT=NAME")
         print("routed: " + ", ".join(f"{d} -> {a or 'base'}" for d, a in route.items()))
-    systems = {"base": lambda d: set_active_adapter(model, None)}
-    for name in adapters:
-        systems[name] = lambda d, n=name: set_active_adapter(model, n)
-    if adapters and not args.no_routed:
         systems["routed"] = lambda d: set_active_adapter(model, route.get(d))
     if args.systems:  # checked here, where every system's name is known
         wanted = [s for s in args.systems.split(",") if s]
@@ -258,41 +276,69 @@ def run(args, argv) -> dict:
                              f"{', '.join([*systems, *checkpoints])}")
         systems = {k: v for k, v in systems.items() if k in wanted}
         checkpoints = {k: v for k, v in checkpoints.items() if k in wanted}
+    return systems, checkpoints, route
 
-    kw = dict(batch_size=args.batch_size, beam_size=args.beam_size, device=device)
-    records, robust = [], []
-    for name, language, examples in data:
-        recs, failures = _decode(model, examples, language, audio_ctx, systems, **kw)
-        if args.robustness:
-            robust += [dict(r, data=name) for r in _robustness(model, examples, language, audio_ctx, systems,
-                                                              args.nbest, max(args.nbest, args.beam_size),
-                                                              args.batch_size, device)]
-        set_active_adapter(model, None)
-        records += [dict(r, data=name) for r in recs]
-        skipped[name]["at_load"] = dict(failures)
+
+def models_to_decode(model, systems: dict, checkpoints: dict, audio_ctx, device):
+    """(model, {system: activate}) pairs: the base with its adapters, then each checkpoint, loaded in its turn."""
+    if systems:
+        yield model, systems
     for system, spec in checkpoints.items():
         other = load_model(spec, device)
         if audio_ctx != "full":
             enable_dynamic_audio_ctx(other)
         print(f"checkpoint {system}: {spec} ({fingerprint(other)})")
-        for name, language, examples in data:
-            recs, _ = _decode(other, examples, language, audio_ctx, {system: lambda d: None}, **kw)
-            records += [dict(r, data=name) for r in recs]
-            if args.robustness:
-                robust += [dict(r, data=name) for r in _robustness(other, examples, language, audio_ctx,
-                                                                  {system: lambda d: None}, args.nbest,
-                                                                  max(args.nbest, args.beam_size), args.batch_size, device)]
-        del other
+        yield other, {system: lambda d: None}
 
+
+def decode_all(model, systems, checkpoints, data, args, audio_ctx, device):
+    """The one decode loop: every system on every test set. Returns the per-utterance records, the NPRR records
+    (with --robustness) and, per source, the clips that failed to load (by reason)."""
+    records, robust, failures = [], [], {}
+    for m, group in models_to_decode(model, systems, checkpoints, audio_ctx, device):
+        for name, language, examples in data:
+            # per model, since a checkpoint may have other n_mels
+            tokenizer = tokenizer_for(m, language)
+            dataset = SpeechDataset(examples, n_mels=m.dims.n_mels)
+            collator = Collator(tokenizer, n_mels=m.dims.n_mels, audio_ctx=audio_ctx)
+            _, recs = evaluate_systems(m, dataset, collator, tokenizer, group, language=language,
+                                       batch_size=args.batch_size, beam_size=args.beam_size, device=device)
+            records += [dict(r, data=name) for r in recs]
+            failures.setdefault(name, dict(dataset.failures))
+            if args.robustness:
+                robust += [dict(r, data=name) for r in nprr_records(m, dataset, collator, tokenizer, language, group,
+                                                                    args, device)]
+            set_active_adapter(m, None)
+    return records, robust, failures
+
+
+def nprr_records(model, dataset, collator, tokenizer, language, systems, args, device) -> list[dict]:
+    """NPRR records (research/robustness.py) of every system: each batch decoded in that system's state."""
+    max_tokens = token_limit(dataset, tokenizer)
+    out = []
+    for system, activate in systems.items():
+        def activated():
+            for dialect, batch in eval_batches(dataset, collator, args.batch_size):
+                activate(dialect)
+                yield dialect, batch.to(device)
+        with torch.no_grad():
+            recs = robustness.measure(model, activated(), tokenizer, language=language, nbest=args.nbest,
+                                      beam_size=max(args.nbest, args.beam_size), max_tokens=max_tokens)
+        out += [dict(r, system=system) for r in recs]
+    return out
+
+
+def tabulate(records, robust, data, systems, terms) -> dict:
+    """{system: {row: metrics, "_macro", "_micro", ...}}: a row per (source, dialect); with one source, per dialect."""
+    multi = len(data) > 1
+    row = lambda r: dict(r, dialect=f"{r['data']}/{r['dialect']}" if multi else r["dialect"])  # noqa: E731
+    expected = sorted({f"{n}/{e.dialect}" if multi else e.dialect for n, _, examples in data for e in examples})
     results = {}
-    for system in [*systems, *checkpoints]:
-        rows = [r for r in records if r["system"] == system]
-        # each row of the table is a (source, dialect) pair; with one source the source name is left out
-        keyed = [dict(r, dialect=f"{r['data']}/{r['dialect']}" if multi else r["dialect"]) for r in rows]
-        results[system] = summarize(keyed)
+    for system in systems:
+        rows = [row(r) for r in records if r["system"] == system]
+        results[system] = summarize(rows)
         # a dialect whose every clip failed to load still gets its row (n 0, rates n/a), and the macro
         # average says which rows it could not include instead of quietly averaging fewer dialects
-        expected = sorted({f"{n}/{e.dialect}" if multi else e.dialect for n, _, examples in data for e in examples})
         missing = [k for k in expected if k not in results[system]]
         for k in missing:
             results[system][k] = {"n": 0, "cer": None, "wer": None, "ser": None, "looped": 0,
@@ -301,92 +347,41 @@ def run(args, argv) -> dict:
         if multi:
             results[system]["_sources"] = {name: {k: v for k, v in summarize([r for r in rows if r["data"] == name]).items()
                                                   if k in ("_macro", "_micro")} for name, _, _ in data}
-    for system in results:
-        rows = [dict(r, dialect=f"{r['data']}/{r['dialect']}" if multi else r["dialect"])
-                for r in robust if r["system"] == system]
-        if rows:
-            results[system]["_robustness"] = robustness.summarize(rows)
-    if robust:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "robustness.jsonl"), "w") as f:
-            for r in robust:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    if terms:
-        for system, recall in term_recall(records, terms).items():
-            results[system]["_terms"] = recall
+        nprr = [row(r) for r in robust if r["system"] == system]
+        if nprr:
+            results[system]["_robustness"] = robustness.summarize(nprr)
+    for system, recall in (term_recall(records, terms).items() if terms else ()):
+        results[system]["_terms"] = recall
+    return results
 
+
+def summarize_skipped(skipped: dict) -> dict:
+    """Totals and a one-line summary per source of the clips skipped (bad rows, and clips that failed to load)."""
     for name, s in skipped.items():
         s["total"] = sum(s["rows"].values()) + sum(s["at_load"].values())
         s["summary"] = ", ".join(f"{n} {reason}" for reason, n in (Counter(s["rows"]) + Counter(s["at_load"])).most_common())
         if s["total"]:
             named = "; ".join(x for xs in s["examples"].values() for x in xs)
             print(f"{name}: skipped {s['total']} clips ({s['summary']})" + (f", e.g. {named}" if named else ""))
-    meta = {"model": args.model, "fingerprint": base_fp, "base_8bit": args.base_8bit, "adapters": adapters, "routes": route if "routed" in systems else {},
-            "checkpoints": checkpoints, "data": dict(sources), "languages": dict(zip([n for n, _ in sources], languages)),
-            "skipped": skipped, "argv": argv}
-    write_results(args.out, results, records, meta)
-    write_chart(args.out, results)
+    return skipped
+
+
+def write_all(out, results, records, robust, meta) -> None:
+    write_results(out, results, records, meta)
+    write_chart(out, results)
     print(format_table(results))
+    terms = format_terms(results)
     if terms:
-        print("\n" + format_terms(results))
+        print("\n" + terms)
     if robust:
-        table = format_robustness(results)
+        with open(os.path.join(out, "robustness.jsonl"), "w") as f:
+            for r in robust:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        table = robustness.format_robustness(results)
         print("\n" + table)
-        with open(os.path.join(args.out, "results.md"), "a") as f:
+        with open(os.path.join(out, "results.md"), "a") as f:
             f.write("\n" + table + "\n")
-    print(f"wrote {args.out}/results.json, results.md, results.csv, results_cer.png, utterances.jsonl")
-    return results
-
-
-def _pipeline(model, examples, language, audio_ctx):
-    """(tokenizer, dataset, collator) for `model`: per model, since a checkpoint may have other n_mels."""
-    tokenizer = tokenizer_for(model, language)
-    dataset = SpeechDataset(examples, n_mels=model.dims.n_mels)
-    return tokenizer, dataset, Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=audio_ctx)
-
-
-def _decode(model, examples, language, audio_ctx, systems, **kw):
-    """Per-utterance records of `systems` on `examples`, and the clips that failed to load (by reason)."""
-    tokenizer, dataset, collator = _pipeline(model, examples, language, audio_ctx)
-    _, records = evaluate_systems(model, dataset, collator, tokenizer, systems, language=language, **kw)
-    return records, dataset.failures
-
-
-def _robustness(model, examples, language, audio_ctx, systems, nbest, beam_size, batch_size, device):
-    """NPRR records (whisper_ft/robustness.py) of every system: each batch decoded in that system's state."""
-    tokenizer, dataset, collator = _pipeline(model, examples, language, audio_ctx)
-    max_tokens = token_limit(dataset, tokenizer)
-    out = []
-    for system, activate in systems.items():
-        def activated():
-            for dialect, batch in eval_batches(dataset, collator, batch_size):
-                activate(dialect)
-                yield dialect, batch.to(device)
-        with torch.no_grad():
-            recs = robustness.measure(model, activated(), tokenizer, language=language, nbest=nbest,
-                                      beam_size=beam_size, max_tokens=max_tokens)
-        out += [dict(r, system=system) for r in recs]
-    return out
-
-
-def format_robustness(results) -> str:
-    """Per system and dialect: list size, 1-best / oracle CER, and 1-best robustness and Kendall tau per kind."""
-    kinds = [k for k in robustness.PERTURBATIONS if k != "reorder"]
-    head = ["System", "Dialect", "N", "1-best CER", "oracle CER"] + [f"{k} top1" for k in kinds] + \
-        [f"{k} tau" for k in kinds]
-    lines = ["N-best robustness (NPRR)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    for system, res in results.items():
-        summary = res.get("_robustness") if isinstance(res, dict) else None
-        for dialect, m in (summary or {}).items():
-            if dialect == "_micro":
-                continue
-            cells = [system, "macro avg" if dialect == "_macro" else dialect, fmt(m.get("mean_list_size")),
-                     fmt(m.get("cer_1best")), fmt(m.get("cer_oracle"))]
-            cells += [fmt((m.get(k) or {}).get("top1")) for k in kinds]
-            cells += [fmt((m.get(k) or {}).get("kendall_tau")) for k in kinds]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    print(f"wrote {out}/results.json, results.md, results.csv, results_cer.png, utterances.jsonl")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from whisper_ft.audio import to_16k_mono  # noqa: E402
 from whisper_ft.decoding import decode  # noqa: E402
-from whisper_ft.host_memory import keep_freed_memory  # noqa: E402
-from whisper_ft.metrics import score_corpus  # noqa: E402
+from training.memory import keep_freed_memory  # noqa: E402
+from scoring.metrics import score_corpus  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river.",

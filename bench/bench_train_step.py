@@ -20,7 +20,7 @@ child's max RSS from os.wait4 on CPU, CUDA peak allocated on a GPU. Rows:
                  are what such clips cost them (the zero padding costs the same as speech)
   ... bf16       ours LoRA under CPU bf16 autocast, where the CPU has avx512_bf16; its losses are printed
                  next to fp32's at the same inputs and steps
-  ... kept heap  HF+PEFT with the allocator setting ours runs with on a CPU (whisper_ft/host_memory.py:
+  ... kept heap  HF+PEFT with the allocator setting ours runs with on a CPU (training/memory.py:
                  freed memory stays in the heap, so activations do not arrive as fresh pages every step),
                  to show how much of ours' lead that setting is
 Model FLOPs of one step are counted with torch.utils.flop_counter.FlopCounterMode on the warm-up step
@@ -91,7 +91,7 @@ def setup_ours(cfg, device):
     from lora.inject import add_lora, count_parameters, mark_only_lora_trainable
     from train import accumulate
     from whisper_ft.encoder import enable_dynamic_audio_ctx
-    from whisper_ft.training import build_optimizer
+    from training.optim import build_optimizer
 
     model = openai_whisper(cfg["dims"]).to(device)
     if cfg["mode"] == "lora":
@@ -232,7 +232,7 @@ def worker(cfg) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and (cfg["system"] == "ours" or cfg.get("kept_heap")):  # train.py does it on CPU
         sys.path.insert(0, ROOT)
-        from whisper_ft.host_memory import keep_freed_memory
+        from training.memory import keep_freed_memory
         keep_freed_memory()
     setup = {"ours": setup_ours, "naive": setup_naive, "hf": setup_hf}[cfg["system"]]
     step, trainable, model = setup(cfg, device)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from whisper_ft.host_memory import keep_freed_memory  # noqa: E402  (ctypes only: no product packages)
+from training.memory import keep_freed_memory  # noqa: E402  (ctypes only: no product packages)
 
 # openai-whisper name -> transformers name, applied in order to every state_dict key
 RENAMES = [

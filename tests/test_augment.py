@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from whisper_ft.augment import (WaveAugment, WaveAugmentConfig, add_augment_args, augment_from_args, pink_noise,
+from training.augment import (WaveAugment, WaveAugmentConfig, add_augment_args, augment_from_args, pink_noise,
                                 pitch_shift, speed_perturb)
 
 SR = 16000

@@ -15,8 +15,8 @@ import evaluate
 from conftest import make_corpus, make_tiny_model
 from lora.adapters import save_adapter
 from lora.inject import add_lora, lora_modules
-from whisper_ft.evaluation import term_recall
-from whisper_ft.metrics import score_utterance
+from scoring.evaluation import term_recall
+from scoring.metrics import score_utterance
 from whisper_ft.models import export_openai, fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

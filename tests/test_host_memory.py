@@ -9,7 +9,7 @@ import pytest
 _PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-from whisper_ft.host_memory import keep_freed_memory
+from training.memory import keep_freed_memory
 print("applied" if ({apply} and keep_freed_memory()) else "default")
 for _ in range(10):
     torch.ones(16 * 2**20).sum()

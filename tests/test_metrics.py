@@ -5,8 +5,8 @@ import time
 import pytest
 import tibetan_wer
 
-from whisper_ft import metrics
-from whisper_ft.metrics import aggregate, normalize_for_scoring, score_corpus, score_utterance
+from scoring import metrics
+from scoring.metrics import aggregate, normalize_for_scoring, score_corpus, score_utterance
 
 # ང་བོད་པ་ཡིན། ("I am Tibetan"): 12 code points ང ་ བ ོ ད ་ པ ་ ཡ ི ན །, 4 syllables ང|བོད|པ|ཡིན
 REF1, HYP1 = "ང་བོད་པ་ཡིན།", "ང་བོད་བ་ཡིན།"  # one letter substituted: 1 char, 1 syllable error

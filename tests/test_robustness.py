@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny_model
 from data.collate import Batch
 from whisper_ft.decoding import audio_features_for, score_hypotheses
-from whisper_ft.robustness import (PERTURBATIONS, drop_unit, join_units, kendall_tau, measure, near_duplicate,
+from research.robustness import (PERTURBATIONS, drop_unit, join_units, kendall_tau, measure, near_duplicate,
                                    perturb_list, rescore, robustness_metrics, score_records, spearman,
                                    split_units, summarize, swap_units)
 

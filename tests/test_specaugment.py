@@ -3,7 +3,7 @@ import argparse
 import pytest
 import torch
 
-from whisper_ft.specaugment import (POLICIES, SpecAugment, SpecAugmentConfig, add_specaugment_args, from_policy,
+from training.specaugment import (POLICIES, SpecAugment, SpecAugmentConfig, add_specaugment_args, from_policy,
                                     make_generator, specaugment_from_args)
 
 FLOOR = -0.75  # where Whisper's log-mel sits in padding after a clip: (max - 8 + 4) / 4 for max = 1
@@ -170,7 +170,7 @@ def test_bad_values_give_one_line_errors(capsys):
 def test_png_command_writes_an_image(tmp_path, from_file):
     import numpy as np
     import soundfile
-    from whisper_ft.specaugment import main
+    from training.specaugment import main
     args = ["--policy", "LD", "--out", str(tmp_path / "mel.png"), "--pad-seconds", "1"]
     if from_file:  # a 22.05 kHz stereo file exercises reading, down-mixing and resampling
         t = np.arange(22050) / 22050
@@ -182,7 +182,7 @@ def test_png_command_writes_an_image(tmp_path, from_file):
 
 def test_flags_can_join_an_existing_argument_group():
     import warnings
-    from whisper_ft.augment import add_augment_args
+    from training.augment import add_augment_args
     parser = argparse.ArgumentParser()
     group = parser.add_argument_group("augmentation (training only)")
     with warnings.catch_warnings():

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from whisper_ft import study
+from research import study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

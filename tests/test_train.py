@@ -16,7 +16,7 @@ from conftest import make_tiny_model
 from data.collate import Collator, SpeechDataset
 from data.sources import load_examples
 from lora.inject import add_lora, mark_only_lora_trainable
-from whisper_ft import checkpoint as ckpt
+from training import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -228,7 +228,7 @@ def test_bad_flags_give_clear_errors(setup, tmp_path):
 
 
 def test_grad_checkpointing_gives_the_same_gradients(setup):
-    from whisper_ft.training import enable_grad_checkpointing
+    from training.memory import enable_grad_checkpointing
     (batch,) = _batches(setup, [4])
     plain = make_tiny_model()
     plain.train()
@@ -242,7 +242,7 @@ def test_grad_checkpointing_gives_the_same_gradients(setup):
 
 def test_evaluation_is_never_augmented(setup, tmp_path, monkeypatch):
     import whisper
-    import whisper_ft.evaluation as ev
+    import scoring.evaluation as ev
     seen = []
     real = ev.decode
 

@@ -1,12 +1,19 @@
-"""Training targets for Whisper: script-safe text normalisation and the decoder's token sequences.
+"""Text for Whisper: language codes, normalisation (one per language, in two forms), the decoder's token sequences.
 
-Whisper's own BasicTextNormalizer is never used here: it maps Unicode combining marks to spaces,
+Each language's text is normalised here and nowhere else, in two forms:
+- the *target* form (`normalize_text`): what the model is trained to write, one spelling for one speech;
+- the *scoring* form (`normalize_for_scoring`): what error rates compare, which also folds conventions that
+  transcripts disagree on (a final tsheg, punctuation in Japanese, English spelling variants).
+Whisper's own BasicTextNormalizer is never used on Tibetan: it maps Unicode combining marks to spaces,
 which shreds Tibetan (every vowel sign and subjoined consonant is a combining mark).
 """
 import logging
 import re
 import unicodedata
+from functools import lru_cache
 
+import tibetan_wer
+from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,43 @@ def normalize_text(text: str, language: str) -> str:
         # NFKC folds half-width katakana and full-width ASCII; Japanese writes no spaces between words.
         return _SPACE.sub("", _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)))
     return _SPACE.sub(" ", _INVISIBLE.sub("", unicodedata.normalize("NFC", text))).strip()
+
+
+def normalize_for_scoring(text: str, language: str) -> str:
+    """The form error rates compare, per language (`language` may be any form `language_code` accepts).
+
+    Tibetan: NFC, tsek-bstar -> tsheg and sbrul-shad -> shad (`tibetan_wer.normalize`), whitespace runs to
+    one space, no space touching a tsheg, doubled tshegs single, no tsheg at either end (transcripts disagree
+    on the final one). Japanese: the target form without punctuation. English: whisper's English normaliser;
+    any other language: whisper's basic one.
+    """
+    lang = language_code(language)
+    if lang == "bo":
+        text = tibetan_wer.normalize(_INVISIBLE.sub("", text))
+        text = _SPACE.sub(" ", text)
+        text = re.sub(r"\s*" + TSHEG + r"[\s" + TSHEG + "]*", TSHEG, text)
+        return text.strip(" " + TSHEG)
+    if lang == "ja":
+        return "".join(c for c in normalize_text(text, "ja") if not unicodedata.category(c).startswith("P"))
+    return _english()(text) if lang == "en" else _basic()(text)
+
+
+@lru_cache(maxsize=None)
+def _english():
+    return EnglishTextNormalizer()
+
+
+@lru_cache(maxsize=None)
+def _basic():
+    return BasicTextNormalizer()
+
+
+def language_code(language: str) -> str:
+    """'bo', 'Tibetan', 'bo-amdo', 'bod' -> 'bo'; ValueError for a language Whisper does not know."""
+    found = _lookup_language(language or "")
+    if found is None:
+        raise ValueError(f"unknown language {language!r}: use a whisper language code such as 'bo', 'ja' or 'en'")
+    return found
 
 
 def resolve_language(code: str, *, fallback: str | None = None) -> str:

@@ -9,8 +9,8 @@ unchanged. All random numbers for a batch are drawn in one call from the `torch.
 passes in, so the same (seed, step) gives the same masks after a resume (see `make_generator`); they
 are drawn on the generator's device and then moved, so CPU and GPU batches get the same masks.
 
-    python -m whisper_ft.specaugment --policy LD --seed 2 --out mel.png   # a generated chirp (docs/specaugment_LD.png)
-    python -m whisper_ft.specaugment --wav clip.wav --policy adaptive --out mel.png
+    python -m training.specaugment --policy LD --seed 2 --out mel.png   # a generated chirp (docs/specaugment_LD.png)
+    python -m training.specaugment --wav clip.wav --policy adaptive --out mel.png
 """
 
 import argparse
@@ -300,7 +300,7 @@ def specaugment_from_args(args: argparse.Namespace) -> SpecAugment:
     return from_policy(args.specaugment, **{k: v for k, v in overrides.items() if v is not None})
 
 
-# -- python -m whisper_ft.specaugment: a PNG of a log-mel before and after ----------------------------
+# -- python -m training.specaugment: a PNG of a log-mel before and after ----------------------------
 
 def _demo_audio(sr=16000, seconds=6.0) -> np.ndarray:
     """A rising chirp over a steady 300 Hz tone with a harmonic, so warps and masks are easy to see."""

@@ -10,8 +10,6 @@ import shutil
 import statistics
 import time
 
-from whisper_ft.study import code_version
-
 REPORT_DIR = "report"
 
 
@@ -74,7 +72,8 @@ def _systems(study):
     return systems
 
 
-def build(study: dict, out: str, steps: dict, command: list[str], study_wall_s: float) -> dict:
+def build(study: dict, out: str, steps: dict, command: list[str], study_wall_s: float, code: str = "unknown") -> dict:
+    """The report's content; `code` is the checkout's version the report was built with (study.code_version)."""
     report_dir = os.path.join(out, REPORT_DIR)
     if os.path.isdir(report_dir):
         shutil.rmtree(report_dir)  # rebuilt from the run directories, never edited in place
@@ -163,7 +162,7 @@ def build(study: dict, out: str, steps: dict, command: list[str], study_wall_s: 
     return {"command": " ".join(command), "scale": study["scale"], "scale_config": study["scale_config"],
             "target": target, "dialects": dialects, "date": time.strftime("%Y-%m-%d %H:%M"),
             "study_wall_s": round(study_wall_s, 1), "steps_wall_s": round(sum(s["wall_s"] for s in steps.values()), 1),
-            "code": code_version(),
+            "code": code,
             "step_code": {name: s.get("code", "unknown") for name, s in steps.items()}, "research_source": (study.get("research") or {}).get("source"),
             "wer_note": wer_note, "tables": tables,
             "findings": findings(study, cer, init_of), "report_dir": report_dir}

@@ -77,8 +77,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import metrics
-from .decoding import Hypothesis, _prefix, audio_features_for, decode, score_hypotheses
+from scoring import metrics
+from whisper_ft.decoding import Hypothesis, _prefix, audio_features_for, decode, score_hypotheses
 
 PERTURBATIONS = ("swap", "drop", "inject", "reorder")
 CHAR_LANGUAGES = {"ja", "zh", "yue"}
@@ -452,3 +452,23 @@ def summarize(records: Sequence[dict], by: str = "dialect") -> dict:
     out["_micro"] = _group_summary(records) if records else {}
     out["_macro"] = {**macro(per_group), "n": len(records), "groups": len(per_group)}
     return out
+
+
+def format_robustness(results) -> str:
+    """Per system and dialect: list size, 1-best / oracle CER, and 1-best robustness and Kendall tau per kind."""
+    kinds = [k for k in PERTURBATIONS if k != "reorder"]
+    head = ["System", "Dialect", "N", "1-best CER", "oracle CER"] + [f"{k} top1" for k in kinds] + \
+        [f"{k} tau" for k in kinds]
+    lines = ["N-best robustness (NPRR)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for system, res in results.items():
+        summary = res.get("_robustness") if isinstance(res, dict) else None
+        for dialect, m in (summary or {}).items():
+            if dialect == "_micro":
+                continue
+            cells = [system, "macro avg" if dialect == "_macro" else dialect, fmt(m.get("mean_list_size")),
+                     fmt(m.get("cer_1best")), fmt(m.get("cer_oracle"))]
+            cells += [fmt((m.get(k) or {}).get("top1")) for k in kinds]
+            cells += [fmt((m.get(k) or {}).get("kendall_tau")) for k in kinds]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

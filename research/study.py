@@ -1,7 +1,7 @@
 """The dialect study: every arm of the research's experiments trained by train.py, scored by evaluate.py, one report.
 
-    python -m whisper_ft.study configs/dialect_study.json --scale demo     # offline, 2 CPU cores, <= 45 min
-    python -m whisper_ft.study configs/dialect_study.json --scale paper    # tiny on OpenPecha, for a GPU
+    python -m research.study configs/dialect_study.json --scale demo     # offline, 2 CPU cores, <= 45 min
+    python -m research.study configs/dialect_study.json --scale paper    # tiny on OpenPecha, for a GPU
 
 Each arm is one `python train.py ...` run in OUT/<arm> (its own process, so wall time and peak memory are
 its own); an arm with "from" starts from that arm's model.pt. The base and the routed system (one adapter per
@@ -14,12 +14,12 @@ file, system, dialect and metric it was read from, or the two numbers it is the 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
-from whisper_ft.checkpoint import latest_checkpoint
+from research import report as study_report
+from training.checkpoint import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("cer", "ser", "wer")
@@ -193,10 +193,8 @@ def main(argv=None) -> dict:
         steps = run_study(study, out, only=set(args.only.split(",")) if args.only else None)
         if args.only:
             return steps
-        from whisper_ft import study_report  # matplotlib only once there is something to plot
-
-        report = study_report.build(study, out, steps, command=["python", "-m", "whisper_ft.study", *(
-            sys.argv[1:] if argv is None else argv)], study_wall_s=time.time() - t0)
+        report = study_report.build(study, out, steps, command=["python", "-m", "research.study", *(
+            sys.argv[1:] if argv is None else argv)], study_wall_s=time.time() - t0, code=code_version())
         report_dir = study_report.write(report, out)
     except StudyError as e:
         raise SystemExit(f"error: {e}") from None

@@ -18,18 +18,16 @@ micro (as HF evaluate's `cer`, which the notes used), Tibetan SER and WER are ma
 are always reported too.
 """
 import os
-import re
 import socket
 import unicodedata
-from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
 import tibetan_wer
-from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+
+from whisper_ft.text import language_code, normalize_for_scoring
 
 OFFLINE_ENV = ("WHISPER_FT_OFFLINE", "HF_HUB_OFFLINE")
 BOTOK_DICT_ENV = "WHISPER_FT_BOTOK_DICT"
@@ -37,61 +35,6 @@ HEADLINE = {"bo": {"cer": "micro", "ser": "macro", "wer": "macro"},
             "other": {"cer": "micro", "ser": "micro", "wer": "micro"}}
 UNITS = (("cer", "char_errors", "ref_chars"), ("ser", "syl_errors", "ref_syllables"),
          ("wer", "word_errors", "ref_words"))
-TSHEG = "\u0f0b"
-
-
-# ---------------------------------------------------------------------------
-# Normalisation
-# ---------------------------------------------------------------------------
-
-def language_code(language: str) -> str:
-    """'bo', 'Tibetan', 'bo-amdo' -> 'bo'; ValueError for a language whisper does not know."""
-    lang = (language or "").strip().lower()
-    lang = TO_LANGUAGE_CODE.get(lang, lang)
-    if lang not in LANGUAGES:
-        lang = re.split(r"[-_]", lang)[0]  # a dialect tag such as bo-amdo or ja_JP
-    if lang not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}: use a whisper language code such as 'bo', "
-                         f"'ja' or 'en'")
-    return lang
-
-
-@lru_cache(maxsize=None)
-def _english():
-    return EnglishTextNormalizer()
-
-
-@lru_cache(maxsize=None)
-def _basic():
-    return BasicTextNormalizer()
-
-
-def normalize_tibetan(text: str) -> str:
-    """NFC, tsek-bstar -> tsheg and sbrul-shad -> shad (`tibetan_wer.normalize`), whitespace runs to
-    one space, no space touching a tsheg, doubled tshegs single, no tsheg at either end (transcripts
-    disagree on the final one). Never whisper's BasicTextNormalizer: it deletes Tibetan vowel signs
-    and subjoined letters (Unicode marks), i.e. most of the script."""
-    text = tibetan_wer.normalize(text)
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s*" + TSHEG + r"[\s" + TSHEG + "]*", TSHEG, text)
-    return text.strip(" " + TSHEG)
-
-
-def normalize_japanese(text: str) -> str:
-    """NFKC (full-width Latin/digits and half-width kana folded), spaces and punctuation removed."""
-    text = unicodedata.normalize("NFKC", text)
-    return "".join(c for c in text if not c.isspace() and not unicodedata.category(c).startswith("P"))
-
-
-def normalize_for_scoring(text: str, language: str) -> str:
-    lang = language_code(language)
-    if lang == "bo":
-        return normalize_tibetan(text)
-    if lang == "ja":
-        return normalize_japanese(text)
-    if lang == "en":
-        return _english()(text)
-    return _basic()(text)
 
 
 # ---------------------------------------------------------------------------
@@ -299,4 +242,33 @@ def aggregate(per_utt_records: Iterable[dict], by: str = "dialect") -> dict:
     macro["wer_note"] = notes[0] if notes else None
     out["_micro"] = _summarize(records)
     out["_macro"] = macro
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Domain terms
+# ---------------------------------------------------------------------------
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFC", text or "").casefold()
+
+
+def term_recall(records, terms) -> dict:
+    """{system: {term: {"recall", "n"}, "_all": ...}}: of the references containing a term, how many hypotheses do.
+
+    A term is found by substring match after NFC and case folding (so "CPF" matches "cpf"); n counts the
+    references that contain it, and recall is None for a term no reference contains.
+    """
+    out = {}
+    for system in sorted({r["system"] for r in records}):
+        rows = [r for r in records if r["system"] == system]
+        per, hits_all, n_all = {}, 0, 0
+        for term in terms:
+            t = _fold(term)
+            having = [r for r in rows if t in _fold(r["ref"])]
+            hits = sum(t in _fold(r["hyp"]) for r in having)
+            per[term] = {"recall": hits / len(having) if having else None, "n": len(having)}
+            hits_all, n_all = hits_all + hits, n_all + len(having)
+        per["_all"] = {"recall": hits_all / n_all if n_all else None, "n": n_all}
+        out[system] = per
     return out

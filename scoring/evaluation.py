@@ -1,0 +1,79 @@
+"""Decode a test set under several systems and score it per dialect: the code train.py and evaluate.py share.
+
+A *system* is a name plus a function `activate(dialect)` that puts the model in that system's state
+before a batch of that dialect is decoded (the base: no adapter; an adapter: that one; `routed`: the
+adapter of the batch's own dialect). Batches are built per dialect, so routing is exact, and each batch
+is loaded once and decoded under every system.
+"""
+from collections import defaultdict
+
+import torch
+
+from scoring import metrics
+from whisper_ft.decoding import decode
+from whisper_ft.text import normalize_text, target_tokens
+
+MAX_TOKENS = 224  # whisper's own sample_len for a 30 s window
+
+
+def eval_batches(dataset, collator, batch_size: int):
+    """Yield (dialect, Batch) over `dataset`, batches never mixing dialects; unreadable clips are dropped."""
+    by_dialect = defaultdict(list)
+    for i, ex in enumerate(dataset.examples):
+        by_dialect[ex.dialect].append(i)
+    for dialect in sorted(by_dialect):
+        idx = by_dialect[dialect]
+        for start in range(0, len(idx), batch_size):
+            batch = collator([dataset[i] for i in idx[start:start + batch_size]])
+            if batch is not None:
+                yield dialect, batch
+
+
+def token_limit(dataset, tokenizer) -> int:
+    """A decoding limit from the test set as a whole (2x its longest reference + 10, at most 224).
+
+    Set per test set, never per utterance, so no reference length leaks into a hypothesis; it only stops
+    looping hypotheses of an untrained model from costing 224 steps each on a CPU.
+    """
+    longest = max((len(target_tokens(tokenizer, normalize_text(e.text, e.language))[1])
+                   for e in dataset.examples), default=MAX_TOKENS)
+    return min(MAX_TOKENS, 2 * longest + 10)
+
+
+@torch.no_grad()
+def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, language: str, batch_size: int = 16,
+                     beam_size: int = 1, max_tokens: int | None = None, device="cpu", n_examples: int = 3):
+    """Return ({system: {dialect: metrics, "_macro": ..., "_micro": ...}}, per-utterance records).
+
+    Puts `model` in eval mode (no dropout while decoding); a caller that trains afterwards calls .train()."""
+    model.eval()
+    max_tokens = max_tokens or token_limit(dataset, tokenizer)
+    records = []
+    for dialect, batch in eval_batches(dataset, collator, batch_size):
+        mel = batch.mel.to(device)
+        for system, activate in systems.items():
+            activate(dialect)
+            hyps = decode(model, mel, tokenizer, beam_size=beam_size, max_tokens=max_tokens)
+            for i, best in enumerate(h[0] for h in hyps):
+                records.append({"system": system, "dialect": dialect, "id": batch.ids[i], "ref": batch.texts[i],
+                                "hyp": best.text, "looped": best.looped})
+    results = {}
+    for system in systems:
+        rows = [r for r in records if r["system"] == system]
+        # scored as one corpus so the word segmenter (botok for Tibetan) is set up once per system
+        scored = metrics.score_corpus([r["ref"] for r in rows], [r["hyp"] for r in rows], language)
+        for r, u in zip(rows, scored["utterances"]):
+            r.update({k: v for k, v in u.items() if k not in r})
+        results[system] = summarize(rows)
+        results[system]["_examples"] = "\n\n".join(f"ref: {r['ref']}  \nhyp: {r['hyp']}" for r in rows[:n_examples])
+    return results, records
+
+
+def summarize(records, by: str = "dialect") -> dict:
+    """`metrics.aggregate` of scored records, plus `looped`: hypotheses stopped as hallucination loops."""
+    records = list(records)
+    out = metrics.aggregate(records, by=by)
+    for key, m in out.items():
+        rows = records if key in ("_micro", "_macro") else [r for r in records if r[by] == key]
+        m["looped"] = sum(bool(r.get("looped")) for r in rows)
+    return out

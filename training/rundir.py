@@ -1,0 +1,55 @@
+"""The run directory: one per run, holding config.json (exactly how the run was made) and everything it writes.
+
+RUN_DIR/config.json, tb/ (TensorBoard), checkpoints/, adapter.safetensors or model.pt (and *_best with
+--eval-every), results.json / results.md / results.csv / results_cer.png / utterances.jsonl.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from training.checkpoint import latest_checkpoint
+
+# batch_size may change on resume so a different world size can keep the same global batch
+RESUME_OVERRIDABLE = ("max_steps", "epochs", "eval_every", "save_every", "num_workers", "batch_size")
+
+
+def resume_config(args) -> argparse.Namespace:
+    """The saved config of RUN_DIR, with only the flags that may change on resume taken from the command line."""
+    path = os.path.join(args.resume, "config.json")
+    if not os.path.isfile(path):
+        sys.exit(f"error: --resume {args.resume}: no config.json there (is it a run directory?)")
+    with open(path) as f:
+        saved = json.load(f)
+    for key in RESUME_OVERRIDABLE:
+        if key in args.explicit:
+            saved[key] = getattr(args, key)
+    saved["resume"], saved["out"] = args.resume, args.resume
+    return argparse.Namespace(**saved)
+
+
+def open_run_dir(args, argv, *, world: int, is_main: bool) -> tuple[str, dict]:
+    """(run directory, config): --out or runs/<timestamp>, the same on every rank; config.json written by rank 0.
+
+    A directory that already holds a run's checkpoints is refused unless the run is being resumed.
+    """
+    run_dir = args.out or os.path.join("runs", time.strftime("%Y-%m-%d_%H%M%S"))
+    if world > 1:  # every rank must write to rank 0's directory, even if their clocks crossed a second
+        shared = [run_dir]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
+    args.out = run_dir
+    if not args.resume and latest_checkpoint(run_dir):
+        raise SystemExit(f"error: --out {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                         "or choose another --out")
+    config = {k: v for k, v in sorted(vars(args).items())}
+    config["argv"] = sys.argv[1:] if argv is None else list(argv)
+    config["world_size"] = world
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    return run_dir, config

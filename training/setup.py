@@ -1,0 +1,74 @@
+"""Set-up shared by train.py and evaluate.py: device, precision, the base model (fp32 or int8), the language."""
+from contextlib import nullcontext
+
+import torch
+
+from lora.int8 import quantize_frozen_linears, storage_bytes
+from training.memory import keep_freed_memory
+from whisper_ft.models import fingerprint, load_model
+from whisper_ft.text import resolve_language
+
+
+def resolve_amp(amp: str, device: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    cuda = device.startswith("cuda")
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if amp == "fp16" and not cuda:
+        raise SystemExit("error: --amp fp16 needs a CUDA device; on CPU use --amp bf16 or fp32")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[amp]
+    return dtype, dtype is torch.float16  # bf16 has fp32's range: no loss scaling needed
+
+
+def select_dialects(dialect: str, sampling: str | None, available: list[str]) -> tuple[list[str], str]:
+    """--dialect value -> (dialects to draw from, sampling mode)."""
+    if dialect == "balanced":
+        include, mode = list(available), "balanced"
+    elif dialect == "all":
+        include, mode = list(available), "natural"
+    else:
+        include = [d.strip() for d in dialect.split(",") if d.strip()]
+        missing = [d for d in include if d not in available]
+        if missing:
+            raise SystemExit(f"error: --dialect {dialect}: no training rows for {missing}; "
+                             f"the data has {available} (or use balanced / all)")
+        mode = "natural" if len(include) == 1 else "balanced"
+    return include, sampling or mode
+
+
+def choose_device(device: str) -> str:
+    """"auto" -> cuda when available, else cpu. On the CPU, freed host memory is kept for reuse from here on."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "cpu":
+        keep_freed_memory()  # activations live in host memory: reuse it instead of faulting in new pages
+    return device
+
+
+def autocast_for(amp: str, device: str):
+    """(autocast context, autocast dtype or None, whether a GradScaler is needed) for --amp on `device`."""
+    dtype, use_scaler = resolve_amp(amp, device)
+    ctx = torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype else nullcontext()
+    return ctx, dtype, use_scaler
+
+
+def load_base(spec: str, device: str, *, base_8bit: bool = False):
+    """(model, fingerprint): the base model, its Linear weights held in int8 with --base-8bit.
+
+    The fingerprint is of the fp32 weights, before any quantisation: adapters trained on the int8 base stay
+    portable to the fp32 one (and the other way round).
+    """
+    model = load_model(spec, device)
+    fp = fingerprint(model)
+    if base_8bit:
+        fp32_mb = storage_bytes(model) / 2**20
+        n_int8 = len(quantize_frozen_linears(model))
+        print(f"base in int8: {n_int8} Linear layers, weights {fp32_mb:.0f} MB -> {storage_bytes(model) / 2**20:.0f} MB")
+    return model, fp
+
+
+def language_of(code: str, fallback: str | None = None) -> str:
+    """--language (with --language-fallback) as a Whisper language code, or one line saying what to pass."""
+    try:
+        return resolve_language(code, fallback=fallback)
+    except ValueError as e:
+        raise SystemExit(f"error: --language: {e}") from None
