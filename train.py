@@ -142,7 +142,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(**values)
     args = p.parse_args(argv)
     args.explicit = {a.dest for a in p._actions if any(s in (argv or sys.argv[1:]) for s in a.option_strings)}
-    return args
     if args.resume:
         args = resume_config(args)
     vars(args).pop("explicit", None)

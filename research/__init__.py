@@ -1,0 +1,1 @@
+"""Experiments run on the model: the dialect study and its report, N-best robustness (NPRR)."""

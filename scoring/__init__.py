@@ -1,0 +1,1 @@
+"""Scoring: error rates per language, decoding and scoring systems per dialect, result tables."""

@@ -15,7 +15,7 @@ import evaluate
 from conftest import make_corpus, make_tiny_model
 from lora.adapters import save_adapter
 from lora.inject import add_lora, lora_modules
-from scoring.evaluation import term_recall
+from scoring.metrics import term_recall
 from scoring.metrics import score_utterance
 from whisper_ft.models import export_openai, fingerprint
 

@@ -1,5 +1,4 @@
 """LoRALinear and injection: exact base at init, merge/unmerge, gradients, parameter counts, the KV cache."""
-import time
 
 import pytest
 import torch
@@ -233,7 +232,6 @@ def test_only_lora_parameters_get_gradients():
 def test_tiny_real_dims_r16_qv_parameter_count():
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
                            n_vocab=51865, n_text_ctx=448, n_text_state=384, n_text_head=6, n_text_layer=4)
-    t0 = time.time()
     torch.manual_seed(0)
     model = Whisper(dims)
     assert count_parameters(model)[1] == 37_184_640
@@ -244,7 +242,6 @@ def test_tiny_real_dims_r16_qv_parameter_count():
     assert trainable == 12 * 2 * 16 * (384 + 384) == 294_912
     assert total == 37_184_640 + 294_912
     assert describe_trainable(model) == "trainable 294,912 / 37,479,552 (0.79%)"
-    assert time.time() - t0 < 30
 
 
 def greedy(model, mel, prefix, n_new, use_cache):

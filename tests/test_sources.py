@@ -4,7 +4,6 @@ import io
 import json
 import sys
 import threading
-import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -251,7 +250,5 @@ def test_hf_load_from_disk_directory(tmp_path):
 
 
 def test_offline_hub_fails_fast_with_advice():
-    t0 = time.monotonic()
     with pytest.raises(SourceError, match="unreachable.*openpecha:/path/to/parquet_dir"):
         probe_hub("openpecha/stt-training-data", endpoint="http://127.0.0.1:9", timeout=2)
-    assert time.monotonic() - t0 < 10

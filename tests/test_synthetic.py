@@ -1,7 +1,6 @@
 """The offline demo corpus: deterministic, follows the manifest contract, dialects differ, held-out
 sentences, cached. Tiny corpora (3 dialects x 4 train + 2 test clips) keep this file to seconds."""
 import json
-import time
 import unicodedata
 
 import numpy as np
@@ -109,9 +108,8 @@ def test_lexicon_is_small_pronounceable_and_speakable():
 def test_cache_returns_without_rebuilding(corpora, tmp_path, monkeypatch):
     corpus = corpora[0]
     mtime = (corpus / "corpus.json").stat().st_mtime_ns
-    t = time.time()
     assert synthetic.build_demo(corpus, **SMALL) == corpus
-    assert time.time() - t < 0.5 and (corpus / "corpus.json").stat().st_mtime_ns == mtime
+    assert (corpus / "corpus.json").stat().st_mtime_ns == mtime
     with pytest.raises(FileExistsError):  # same directory, other parameters: refuse, don't overwrite
         synthetic.build_demo(corpus, n_train=5, n_test=2, seed=3)
     # Default location: $WHISPER_FT_CACHE/demo-<hash of version and parameters>.

@@ -1,1 +1,1 @@
-"""Whisper-specific pieces that are not the training loop: models, audio, text, decoding, metrics."""
+"""The Whisper model and its I/O: loading and converting formats, audio, text and tokens, the encoder, decoding."""
