@@ -269,3 +269,152 @@ def read_json(path) -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path} is not valid JSON ({e})") from None
+
+
+# --- openai -> CTranslate2 -------------------------------------------------------------------------
+
+# Scalars every WhisperSpec model.bin carries (CTranslate2 specs: WhisperEncoderSpec, TransformerDecoderSpec
+# with GELU and no embedding scaling), as the official converter writes them at spec revision 3.
+_CT2_SCALARS = {"decoder/activation": np.int8(3), "decoder/alibi": np.int8(0), "decoder/alignment_heads": np.int16(1),
+                "decoder/alignment_layer": np.int16(-1), "decoder/pre_norm": np.int8(1),
+                "decoder/scale_embeddings": np.int8(0), "decoder/start_from_zero_embedding": np.int8(0)}
+CT2_QUANTIZATIONS = ("float32", "float16", "int8", "int8_float32", "int8_float16")
+
+
+def _put_linear(s, src, dst, out, bias=True):
+    out[dst + "/weight"] = s[src + ".weight"]
+    if bias:
+        out[dst + "/bias"] = s[src + ".bias"]
+
+
+def _put_ln(s, src, dst, out):
+    out[dst + "/gamma"], out[dst + "/beta"] = s[src + ".weight"], s[src + ".bias"]
+
+
+def _put_fused(s, src, dst, out, names):
+    """openai-whisper's separate projections -> CTranslate2's fused one; the key has no bias, so its part is zero."""
+    out[dst + "/weight"] = torch.cat([s[f"{src}.{n}.weight"] for n in names])
+    out[dst + "/bias"] = torch.cat([s[f"{src}.{n}.bias"] if n != "key" else torch.zeros(s[f"{src}.{n}.weight"].shape[0])
+                                    for n in names])
+
+
+def _put_block(s, src, dst, out):
+    _put_fused(s, f"{src}.attn", f"{dst}/self_attention/linear_0", out, ("query", "key", "value"))
+    _put_linear(s, f"{src}.attn.out", f"{dst}/self_attention/linear_1", out)
+    _put_ln(s, f"{src}.attn_ln", f"{dst}/self_attention/layer_norm", out)
+    _put_linear(s, f"{src}.mlp.0", f"{dst}/ffn/linear_0", out)
+    _put_linear(s, f"{src}.mlp.2", f"{dst}/ffn/linear_1", out)
+    _put_ln(s, f"{src}.mlp_ln", f"{dst}/ffn/layer_norm", out)
+
+
+def openai_to_ct2(dims: dict, state: dict) -> dict:
+    """openai-whisper (dims, state_dict) -> CTranslate2 WhisperSpec tensors (float32), the inverse of ct2_to_openai."""
+    s = {k: v.detach().cpu().float() for k, v in state.items()}
+    t = {}
+    _put_linear(s, "encoder.conv1", "encoder/conv1", t)
+    _put_linear(s, "encoder.conv2", "encoder/conv2", t)
+    t["encoder/position_encodings/encodings"] = s["encoder.positional_embedding"]
+    for i in range(dims["n_audio_layer"]):
+        _put_block(s, f"encoder.blocks.{i}", f"encoder/layer_{i}", t)
+    _put_ln(s, "encoder.ln_post", "encoder/layer_norm", t)
+    t["decoder/embeddings/weight"] = s["decoder.token_embedding.weight"]
+    t["decoder/position_encodings/encodings"] = s["decoder.positional_embedding"]
+    for i in range(dims["n_text_layer"]):
+        src, dst = f"decoder.blocks.{i}", f"decoder/layer_{i}"
+        _put_block(s, src, dst, t)
+        _put_linear(s, f"{src}.cross_attn.query", f"{dst}/attention/linear_0", t)
+        _put_fused(s, f"{src}.cross_attn", f"{dst}/attention/linear_1", t, ("key", "value"))
+        _put_linear(s, f"{src}.cross_attn.out", f"{dst}/attention/linear_2", t)
+        _put_ln(s, f"{src}.cross_attn_ln", f"{dst}/attention/layer_norm", t)
+    _put_ln(s, "decoder.ln", "decoder/layer_norm", t)
+    t = {k: v.numpy() for k, v in t.items()}
+    t.update(_CT2_SCALARS)
+    t["encoder/num_heads"], t["decoder/num_heads"] = np.int16(dims["n_audio_head"]), np.int16(dims["n_text_head"])
+    return t
+
+
+def quantize_ct2(tensors: dict, quantization: str) -> dict:
+    """CTranslate2's weight quantization, as its converter does it (specs/model_spec.py `_quantize`).
+
+    The weights of linear, convolution and embedding layers become int8 with one float32 scale per output row
+    (`<name>_scale`, q = round(w * scale), scale = 127 / max|row|) or float16; every other float tensor becomes
+    float32 (int8, int8_float32) or float16 (float16, int8_float16). Scalars keep their integer types.
+    """
+    if quantization not in CT2_QUANTIZATIONS:
+        raise ConversionError(f"quantization {quantization!r}: expected one of {', '.join(CT2_QUANTIZATIONS)}")
+    out = {}
+    for name, v in tensors.items():
+        if v.ndim == 0:
+            out[name] = v
+            continue
+        quantizable = name.endswith("/weight") and "layer_norm" not in name
+        if quantizable and quantization.startswith("int8"):
+            rows = v.reshape(v.shape[0], -1).astype(np.float32)
+            amax = np.abs(rows).max(axis=1)
+            amax[amax == 0] = 127.0
+            amax = np.maximum(amax, np.float32(127) / np.finfo(np.float32).max)
+            scale = (127.0 / amax).astype(np.float32)
+            out[name] = np.rint(rows * scale[:, None]).astype(np.int8).reshape(v.shape)
+            out[name + "_scale"] = scale
+        elif quantization in ("float16", "int8_float16"):
+            out[name] = v.astype(np.float16)
+        else:
+            out[name] = v.astype(np.float32)
+    return out
+
+
+def write_ct2_model(path, tensors: dict, aliases: dict | None = None, *, revision: int = 3) -> None:
+    """Write a CTranslate2 `model.bin` (binary version 6): header, tensors sorted by name, then aliases."""
+    type_ids = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
+                np.dtype(np.float16): 4}
+
+    def string(f, s):
+        b = s.encode("utf-8")
+        f.write(struct.pack("H", len(b) + 1) + b + b"\0")
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("I", 6))
+        string(f, "WhisperSpec")
+        f.write(struct.pack("I", revision))
+        f.write(struct.pack("I", len(tensors)))
+        for name in sorted(tensors):
+            v = np.asarray(tensors[name])  # a scalar stays 0-d (ascontiguousarray would make it 1-d)
+            v = np.ascontiguousarray(v) if v.ndim else v
+            string(f, name)
+            f.write(struct.pack("B", v.ndim) + b"".join(struct.pack("I", d) for d in v.shape))
+            f.write(struct.pack("B", type_ids[v.dtype]) + struct.pack("I", v.nbytes))
+            f.write(v.tobytes())
+        aliases = aliases or {}
+        f.write(struct.pack("I", len(aliases)))
+        for alias in sorted(aliases):
+            string(f, alias)
+            string(f, aliases[alias])
+
+
+def _byte_to_unicode() -> dict:
+    """GPT-2's printable stand-in for every byte, which byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def ct2_vocabulary(tokenizer, n_vocab: int) -> list[str]:
+    """The model's tokens as CTranslate2's vocabulary.txt lists them: byte-level BPE strings, then the specials."""
+    enc = tokenizer.encoding
+    to_char = _byte_to_unicode()
+    vocab = [None] * n_vocab
+    for token, rank in enc._mergeable_ranks.items():
+        if rank < n_vocab:
+            vocab[rank] = "".join(to_char[b] for b in token)
+    for token, rank in enc._special_tokens.items():
+        if rank < n_vocab:
+            vocab[rank] = {"<|nospeech|>": "<|nocaptions|>"}.get(token, token)  # the name HF's tokenizer uses
+    missing = [i for i, v in enumerate(vocab) if v is None]
+    if missing:
+        raise ConversionError(f"the tokenizer has no token for ids {missing[:5]} of this model's {n_vocab}")
+    return vocab

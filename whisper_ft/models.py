@@ -227,8 +227,7 @@ def export_hf(model, out_dir) -> None:
     from safetensors.torch import save_file
 
     dims = dataclasses.asdict(model.dims)
-    multilingual = dims["n_vocab"] >= 51865
-    tok = whisper.tokenizer.get_tokenizer(multilingual, num_languages=dims["n_vocab"] - 51765 - int(multilingual))
+    tok = _tokenizer_for_dims(dims)
     config = convert.hf_config_from_dims(dims, {"sot": tok.sot, "eot": tok.eot})
     state = {k: v.contiguous() for k, v in convert.openai_to_hf_state(base_state(model)).items()}
     os.makedirs(out_dir, exist_ok=True)
@@ -237,6 +236,59 @@ def export_hf(model, out_dir) -> None:
     with _atomic_path(os.path.join(out_dir, "config.json")) as tmp:
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2)
+
+
+def export_ct2(model, out_dir, quantization: str = "float32") -> list[str]:
+    """Write a CTranslate2 directory (model.bin, config.json, vocabulary.txt, tokenizer.json when one fits) that
+    `faster_whisper.WhisperModel(out_dir)` and `ctranslate2.models.Whisper` load. Returns the files written.
+
+    Written by our own writer (whisper_ft/convert.py), the inverse of the reader: no CTranslate2 needed.
+    """
+    from whisper_ft.decoding import suppress_tokens
+
+    dims = dataclasses.asdict(model.dims)
+    tok = _tokenizer_for_dims(dims)
+    tensors = convert.quantize_ct2(convert.openai_to_ct2(dims, base_state(model)), quantization)
+    os.makedirs(out_dir, exist_ok=True)
+    with _atomic_path(os.path.join(out_dir, "model.bin")) as tmp:
+        # openai-whisper ties the output projection to the token embedding: one tensor, stored once
+        convert.write_ct2_model(tmp, tensors, {"decoder/projection/weight": "decoder/embeddings/weight"})
+    heads = model.alignment_heads.to_dense().nonzero().tolist()
+    config = {"alignment_heads": heads, "lang_ids": sorted(tok.all_language_tokens) if tok.language else [],
+              "suppress_ids": suppress_tokens(tok), "suppress_ids_begin": [220, tok.eot]}
+    vocab = convert.ct2_vocabulary(tok, dims["n_vocab"])
+    files = ["model.bin", "config.json", "vocabulary.txt"]
+    for name, text in (("config.json", json.dumps(config, indent=2) + "\n"), ("vocabulary.txt", "\n".join(vocab) + "\n")):
+        with _atomic_path(os.path.join(out_dir, name)) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+    shipped = _offline_file("tokenizer.json")  # HF's tokenizer of the multilingual 99-language models
+    if shipped and _offline_vocabulary() == vocab:
+        with _atomic_path(os.path.join(out_dir, "tokenizer.json")) as tmp:
+            with open(shipped, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(src.read())
+        files.append("tokenizer.json")
+    return files
+
+
+def _tokenizer_for_dims(dims: dict):
+    multilingual = dims["n_vocab"] >= 51865
+    return whisper.tokenizer.get_tokenizer(multilingual, num_languages=dims["n_vocab"] - 51765 - int(multilingual),
+                                           language="en" if multilingual else None)
+
+
+def _offline_file(name: str) -> str | None:
+    found = importlib.util.find_spec(OFFLINE_PACKAGES["base"][0])
+    path = found and os.path.join(os.path.dirname(found.origin), "data", name)
+    return path if path and os.path.isfile(path) else None
+
+
+def _offline_vocabulary() -> list[str] | None:
+    path = _offline_file("vocabulary.txt")
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().split("\n")[:-1]
 
 
 class _atomic_path:
