@@ -28,18 +28,17 @@ import torch
 from data.collate import Collator, SpeechDataset
 from data.sources import SourceError, limit_per_dialect, load_examples
 from data.validate import DataError
-from lora.adapters import AdapterMismatchError, load_adapter, set_active_adapter
-from lora.layers import check_adapter_name
+from lora.adapters import set_active_adapter
 from research import robustness
 from scoring.evaluation import eval_batches, evaluate_systems, summarize, token_limit
 from scoring.metrics import term_recall
+from scoring.systems import RESERVED, checkpoint_spec, fit_mix, load_systems, parse_adapters, parse_routes, system_name
 from scoring.tables import format_table, format_terms, write_chart, write_results
 from training.setup import choose_device, language_of, load_base
 from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
 from whisper_ft.text import tokenizer_for
 
-RESERVED = ("base", "routed")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -48,6 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--model", default="offline:base", help="base model spec (see whisper_ft/models.py)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="LoRA adapter file (or a train.py run directory holding adapter.safetensors); repeatable")
+    p.add_argument("--mix-rank", type=int, default=None,
+                   help="truncate each composition (--adapter NAME=A@w+B@w) to this rank by SVD (default: exact)")
+    p.add_argument("--fit-data", default=None, metavar="SOURCE",
+                   help="labelled clips of the dialect a composition given without weights is for: its weights are "
+                        "fitted on them (lowest CER); without it such a composition is uniform")
+    p.add_argument("--fit-samples", type=int, default=20, help="clips of --fit-data to fit on")
     p.add_argument("--route", action="append", default=[], metavar="DIALECT=NAME",
                    help="routed system: decode DIALECT with adapter NAME (default: the adapter named after the dialect)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
@@ -80,39 +85,6 @@ def parse_args(argv=None):
 
 # --- command-line values, all checked before any model is loaded -----------------------------------
 
-def parse_adapters(values) -> dict:
-    adapters = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"error: --adapter {v!r}: expected NAME=PATH, e.g. amdo=runs/amdo/adapter.safetensors")
-        try:
-            check_adapter_name(name)
-        except ValueError as e:
-            raise SystemExit(f"error: --adapter {v!r}: {e}") from None
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter.safetensors")):
-            path = os.path.join(path, "adapter.safetensors")  # a train.py run directory
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --adapter {name}={path}: no such file")
-        if name in adapters or name in RESERVED:
-            raise SystemExit(f"error: --adapter {name}: duplicate or reserved name ({', '.join(RESERVED)} are systems)")
-        adapters[name] = path
-    return adapters
-
-
-def parse_routes(values, adapters: dict) -> dict:
-    routes = {}
-    for v in values:
-        dialect, sep, name = v.partition("=")
-        if not sep or not dialect or not name:
-            raise SystemExit(f"error: --route {v!r}: expected DIALECT=ADAPTER, e.g. amdo=amdo_r16")
-        if name not in adapters:
-            raise SystemExit(f"error: --route {v}: unknown adapter name {name!r}; the --adapter names are "
-                             f"{sorted(adapters) or 'none'}")
-        routes[dialect] = name
-    return routes
-
-
 def parse_data(values) -> list[tuple[str, str]]:
     """[(name, spec)]: `NAME=SPEC` names a source; otherwise its name is the spec's file/directory stem."""
     out = []
@@ -134,22 +106,6 @@ def _source_name(spec: str) -> str:
     if spec.startswith("openpecha"):
         return "openpecha"
     return Path(spec.rstrip("/")).stem or spec
-
-
-def checkpoint_spec(path: str) -> str:
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.pt")):
-        return os.path.join(path, "model.pt")
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter.safetensors")):
-        raise SystemExit(f"error: --checkpoint {path} is a LoRA run: pass --adapter NAME={path}/adapter.safetensors")
-    looks_like_path = os.sep in path or path.endswith(".pt")
-    if looks_like_path and not os.path.exists(path):
-        raise SystemExit(f"error: --checkpoint {path}: no such file or directory")
-    return path
-
-
-def _system_name(path):
-    name = os.path.basename(os.path.normpath(path))
-    return os.path.basename(os.path.dirname(os.path.abspath(path))) if name == "model.pt" else name.removesuffix(".pt")
 
 
 def _audio_ctx(value: str):
@@ -187,12 +143,14 @@ def run(args, argv) -> dict:
     device = choose_device(args.device)
     data, skipped = load_data(plan, args)
     model, base_fp = load_base(args.model, device, base_8bit=args.base_8bit)
-    systems, checkpoints, route = choose_systems(model, base_fp, plan, data, args, device)
+    model.to(device)
+    systems, checkpoints, route, mixes = choose_systems(model, base_fp, plan, data, args, device)
     records, robust, failures = decode_all(model, systems, checkpoints, data, args, plan["audio_ctx"], device)
     results = tabulate(records, robust, data, [*systems, *checkpoints], plan["terms"])
     for name, s in skipped.items():
         s["at_load"] = failures.get(name, {})
     meta = {"model": args.model, "fingerprint": base_fp, "base_8bit": args.base_8bit, "adapters": plan["adapters"],
+            "mixes": mixes,
             "routes": route if "routed" in systems else {}, "checkpoints": checkpoints, "data": dict(plan["sources"]),
             "languages": dict(zip([n for n, _ in plan["sources"]], plan["languages"])),
             "skipped": summarize_skipped(skipped), "argv": argv}
@@ -208,15 +166,15 @@ def check_args(args) -> dict:
         raise SystemExit(f"error: {len(languages)} --language values for {len(sources)} --data sources: give one, or one each")
     languages = [language_of(lang, args.language_fallback)
                  for lang in (languages * len(sources) if len(languages) == 1 else languages)]
-    adapters = parse_adapters(args.adapter)
+    adapters, mixes = parse_adapters(args.adapter)
     checkpoints = {}
     for path in args.checkpoint:
-        name = _system_name(path)
-        if name in checkpoints or name in adapters or name in RESERVED:
+        name = system_name(path)
+        if name in checkpoints or name in adapters or name in mixes or name in RESERVED:
             raise SystemExit(f"error: --checkpoint {path}: system name {name!r} is already taken; rename the file")
         checkpoints[name] = checkpoint_spec(path)
-    return {"sources": sources, "languages": languages, "adapters": adapters,
-            "routes": parse_routes(args.route, adapters), "checkpoints": checkpoints,
+    return {"sources": sources, "languages": languages, "adapters": adapters, "mixes": mixes,
+            "routes": parse_routes(args.route, {**adapters, **mixes}), "checkpoints": checkpoints,
             "audio_ctx": _audio_ctx(args.audio_ctx), "terms": _read_terms(args.terms) if args.terms else None,
             "dialects": set(args.dialect.split(",")) if args.dialect else None}
 
@@ -246,13 +204,10 @@ def choose_systems(model, base_fp, plan: dict, data: list, args, device):
 
     The adapters are loaded into the base model here; `activate` switches to a system's adapter (none for
     the base) before a batch of that dialect is decoded, so `routed` is exact per utterance."""
-    adapters, routes, checkpoints = plan["adapters"], plan["routes"], dict(plan["checkpoints"])
-    for name, path in adapters.items():
-        try:
-            load_adapter(model, path, name, base_fingerprint=base_fp)
-        except (AdapterMismatchError, ValueError, KeyError) as e:
-            raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
-    model.to(device)
+    routes, checkpoints = plan["routes"], dict(plan["checkpoints"])
+    fit = (lambda m, name, terms: fit_on(m, name, terms, args, plan, device)) if args.fit_data else None
+    mixes = load_systems(model, base_fp, plan["adapters"], plan["mixes"], mix_rank=args.mix_rank, fit=fit)
+    adapters = [*plan["adapters"], *mixes]
     if plan["audio_ctx"] != "full":
         enable_dynamic_audio_ctx(model)
     print(f"model {args.model} ({base_fp}) on {device}; adapters {sorted(adapters) or 'none'}")
@@ -276,7 +231,23 @@ def choose_systems(model, base_fp, plan: dict, data: list, args, device):
                              f"{', '.join([*systems, *checkpoints])}")
         systems = {k: v for k, v in systems.items() if k in wanted}
         checkpoints = {k: v for k, v in checkpoints.items() if k in wanted}
-    return systems, checkpoints, route
+    return systems, checkpoints, route, mixes
+
+
+def fit_on(model, name, terms, args, plan, device) -> dict:
+    """Fit the weights of composition `name` on --fit-samples clips of --fit-data (see scoring/systems.fit_mix)."""
+    language = plan["languages"][0]
+    examples, _ = load_examples(args.fit_data, args.split, language=language)
+    examples = examples[:args.fit_samples]
+    if not examples:
+        raise SystemExit(f"error: --fit-data {args.fit_data}: no usable {args.split} examples to fit {name} on")
+    tokenizer = tokenizer_for(model, language)
+    collator = Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=plan["audio_ctx"])
+    weights, tried = fit_mix(model, terms, SpeechDataset(examples, n_mels=model.dims.n_mels), collator, tokenizer,
+                             language=language, device=device, batch_size=args.batch_size)
+    print(f"fitted {name} on {len(examples)} clips of {args.fit_data}: {len(tried)} weightings tried, best CER "
+          f"{min(c for _, c in tried):.3f}")
+    return weights
 
 
 def models_to_decode(model, systems: dict, checkpoints: dict, audio_ctx, device):

@@ -114,3 +114,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def describe_trainable(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     return f"trainable {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Drop adapter `name` from every layer that holds it (the layers stay wrapped)."""
+    for m in lora_modules(model, name).values():
+        m.remove_adapter(name)

@@ -114,6 +114,37 @@ def hf_config_from_dims(dims: dict, special: dict) -> dict:
     }
 
 
+def hf_generation_config(tok, dims: dict, alignment_heads) -> dict:
+    """generation_config.json for transformers' generate: language and task tokens, suppression, timestamps."""
+    multilingual = tok.language is not None
+    suppress = sorted(set(tok.non_speech_tokens))
+    return {
+        "decoder_start_token_id": tok.sot, "bos_token_id": tok.eot, "eos_token_id": tok.eot, "pad_token_id": tok.eot,
+        "begin_suppress_tokens": [220, tok.eot], "suppress_tokens": suppress, "max_length": dims["n_text_ctx"],
+        "is_multilingual": multilingual, "no_timestamps_token_id": tok.no_timestamps, "prev_sot_token_id": tok.sot_prev,
+        "max_initial_timestamp_index": 50, "alignment_heads": alignment_heads, "return_timestamps": False,
+        "lang_to_id": {f"<|{code}|>": tid for code, tid in zip(tok.all_language_codes, tok.all_language_tokens)}
+        if multilingual else {},
+        "task_to_id": {"transcribe": tok.transcribe, "translate": tok.translate} if multilingual else {},
+    }
+
+
+def hf_preprocessor_config(dims: dict) -> dict:
+    """preprocessor_config.json: transformers' WhisperFeatureExtractor with whisper's log-mel settings."""
+    return {"feature_extractor_type": "WhisperFeatureExtractor", "processor_class": "WhisperProcessor",
+            "feature_size": dims["n_mels"], "sampling_rate": 16000, "hop_length": 160, "n_fft": 400,
+            "chunk_length": 30, "n_samples": 480000, "nb_max_frames": 3000, "padding_side": "right",
+            "padding_value": 0.0, "return_attention_mask": False}
+
+
+def hf_tokenizer_config() -> dict:
+    """tokenizer_config.json beside HF's tokenizer.json (the fast tokenizer reads its vocabulary from that file)."""
+    eot = "<|endoftext|>"
+    return {"tokenizer_class": "WhisperTokenizer", "processor_class": "WhisperProcessor", "model_max_length": 1024,
+            "bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot, "add_prefix_space": False,
+            "errors": "replace"}
+
+
 # --- CTranslate2 -> openai -------------------------------------------------------------------------
 
 # Type ids in the order of CTranslate2's DataType enum (specs/model_spec.py: _dtype_to_type_id).

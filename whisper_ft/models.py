@@ -215,27 +215,43 @@ def base_state(model) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if LORA_KEY not in k}
 
 
-def export_openai(model, path) -> None:
-    """Write `{"dims", "model_state_dict"}` that plain `whisper.load_model(path)` loads (LoRA keys dropped)."""
+def export_openai(model, path, metadata: dict | None = None) -> None:
+    """Write `{"dims", "model_state_dict"}` that plain `whisper.load_model(path)` loads (LoRA keys dropped);
+    `metadata` (what was merged into it, from which base) rides along under "whisper_ft", which whisper ignores."""
     payload = {"dims": dataclasses.asdict(model.dims), "model_state_dict": base_state(model)}
+    if metadata:
+        payload["whisper_ft"] = json.dumps(metadata)
     with _atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def export_hf(model, out_dir) -> None:
-    """Write a transformers-format directory (config.json + model.safetensors) for this model."""
+def export_hf(model, out_dir) -> list[str]:
+    """Write a transformers directory: config.json, generation_config.json, model.safetensors, the feature
+    extractor's preprocessor_config.json and, when one fits this vocabulary, the tokenizer, so that
+    `transformers.pipeline("automatic-speech-recognition", model=out_dir)` loads it as is. Returns the files."""
     from safetensors.torch import save_file
 
     dims = dataclasses.asdict(model.dims)
     tok = _tokenizer_for_dims(dims)
-    config = convert.hf_config_from_dims(dims, {"sot": tok.sot, "eot": tok.eot})
+    heads = model.alignment_heads.to_dense().nonzero().tolist()
     state = {k: v.contiguous() for k, v in convert.openai_to_hf_state(base_state(model)).items()}
     os.makedirs(out_dir, exist_ok=True)
     with _atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
-    with _atomic_path(os.path.join(out_dir, "config.json")) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
+    files = {"config.json": convert.hf_config_from_dims(dims, {"sot": tok.sot, "eot": tok.eot}),
+             "generation_config.json": convert.hf_generation_config(tok, dims, heads),
+             "preprocessor_config.json": convert.hf_preprocessor_config(dims)}
+    shipped = _offline_file("tokenizer.json")
+    if shipped and _offline_vocabulary() == convert.ct2_vocabulary(tok, dims["n_vocab"]):
+        files["tokenizer_config.json"] = convert.hf_tokenizer_config()
+        with _atomic_path(os.path.join(out_dir, "tokenizer.json")) as tmp:
+            with open(shipped, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(src.read())
+    for name, content in files.items():
+        with _atomic_path(os.path.join(out_dir, name)) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
+    return ["model.safetensors", *files] + (["tokenizer.json"] if "tokenizer_config.json" in files else [])
 
 
 def export_ct2(model, out_dir, quantization: str = "float32") -> list[str]:

@@ -1,0 +1,134 @@
+"""Systems: what a model is decoded as. The names and files users pass (--adapter, --route, --checkpoint),
+checked before any work, and the adapters (files and compositions) loaded into the base.
+"""
+import os
+
+from lora.adapters import AdapterMismatchError, load_adapter
+from lora.compose import compose, parse_mix
+from lora.layers import check_adapter_name
+
+RESERVED = ("base", "routed")
+
+
+def parse_adapters(values) -> tuple[dict, dict]:
+    """--adapter values -> ({name: adapter file}, {name: [(adapter name, weight or None)]} for compositions).
+
+    NAME=PATH names a file (or a train.py run directory holding adapter.safetensors); NAME=A@0.5+B@0.5 names a
+    composition of adapters given by their names (lora/compose.py); without weights it is uniform, or fitted
+    with --fit-data. Everything is checked here, before any model is loaded.
+    """
+    adapters, mixes = {}, {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --adapter {v!r}: expected NAME=PATH, e.g. amdo=runs/amdo/adapter.safetensors")
+        try:
+            check_adapter_name(name)
+        except ValueError as e:
+            raise SystemExit(f"error: --adapter {v!r}: {e}") from None
+        if name in adapters or name in mixes or name in RESERVED:
+            raise SystemExit(f"error: --adapter {name}: duplicate or reserved name ({', '.join(RESERVED)} are systems)")
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter.safetensors")):
+            path = os.path.join(path, "adapter.safetensors")  # a train.py run directory
+        if os.path.isfile(path):
+            adapters[name] = path
+        elif "+" in path or "@" in path:
+            try:
+                mixes[name] = parse_mix(path)
+            except ValueError as e:
+                raise SystemExit(f"error: --adapter {v}: {e}") from None
+        else:
+            raise SystemExit(f"error: --adapter {name}={path}: no such file")
+    for name, terms in mixes.items():
+        unknown = [t for t, _ in terms if t not in adapters]
+        if unknown:
+            raise SystemExit(f"error: --adapter {name}: {unknown[0]!r} is not an adapter file given by --adapter "
+                             f"NAME=PATH (they are {sorted(adapters) or 'none'})")
+    return adapters, mixes
+
+
+def load_systems(model, base_fp: str, adapters: dict, mixes: dict, *, mix_rank=None, fit=None) -> dict:
+    """Load the adapter files into `model`, then build each composition; returns {mix name: its weights, rank,
+    energy kept}. `fit(model, name, terms)`, when given, returns the weights of a composition given without them."""
+    for name, path in adapters.items():
+        try:
+            load_adapter(model, path, name, base_fingerprint=base_fp, activate=False)
+        except (AdapterMismatchError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
+    built = {}
+    for name, terms in mixes.items():
+        if terms[0][1] is not None:
+            weights = dict(terms)
+        elif fit is not None:
+            weights = fit(model, name, [t for t, _ in terms])
+        else:
+            weights = {t: 1 / len(terms) for t, _ in terms}
+        energy = compose(model, name, weights, rank=mix_rank)
+        built[name] = {"weights": weights, "rank": mix_rank, "energy_kept": min(energy.values())}
+        print(f"composed {name} = " + " + ".join(f"{w:.3f} x {t}" for t, w in weights.items())
+              + (f", rank {mix_rank} (min energy kept {min(energy.values()):.3f})" if mix_rank else " (exact)"))
+    return built
+
+
+def parse_routes(values, adapters: dict) -> dict:
+    routes = {}
+    for v in values:
+        dialect, sep, name = v.partition("=")
+        if not sep or not dialect or not name:
+            raise SystemExit(f"error: --route {v!r}: expected DIALECT=ADAPTER, e.g. amdo=amdo_r16")
+        if name not in adapters:
+            raise SystemExit(f"error: --route {v}: unknown adapter name {name!r}; the --adapter names are "
+                             f"{sorted(adapters) or 'none'}")
+        routes[dialect] = name
+    return routes
+
+
+def checkpoint_spec(path: str) -> str:
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.pt")):
+        return os.path.join(path, "model.pt")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter.safetensors")):
+        raise SystemExit(f"error: --checkpoint {path} is a LoRA run: pass --adapter NAME={path}/adapter.safetensors")
+    looks_like_path = os.sep in path or path.endswith(".pt")
+    if looks_like_path and not os.path.exists(path):
+        raise SystemExit(f"error: --checkpoint {path}: no such file or directory")
+    return path
+
+
+def system_name(path: str) -> str:
+    """A checkpoint's system name: its file name, or its run directory's for RUN/model.pt."""
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) if name == "model.pt" else name.removesuffix(".pt")
+
+
+def fit_mix(model, terms: list[str], dataset, collator, tokenizer, *, language: str, device="cpu",
+            batch_size: int = 16, step: float = 0.25, min_step: float = 0.0625) -> tuple[dict, list]:
+    """Weights on the simplex (w >= 0, sum 1) for the composition of `terms` with the lowest CER on `dataset`
+    (a handful of labelled clips of the new dialect): gradient-free pattern search from the best of the single
+    adapters and the uniform mix, moving `step` of weight from one adapter to another, halving the step when no
+    move helps. Returns (weights, [(weights, cer)] of every candidate scored)."""
+    from scoring.evaluation import evaluate_systems
+    from lora.inject import remove_adapter, set_active_adapter
+
+    tried = {}
+
+    def cer(weights):
+        key = tuple(round(weights[t], 6) for t in terms)
+        if key not in tried:
+            compose(model, "_fit", {t: w for t, w in weights.items() if w > 0})
+            res, _ = evaluate_systems(model, dataset, collator, tokenizer, {"fit": lambda d: set_active_adapter(model, "_fit")},
+                                      language=language, batch_size=batch_size, device=device)
+            remove_adapter(model, "_fit")
+            tried[key] = res["fit"]["_micro"]["cer"]
+        return tried[key]
+
+    starts = [{t: float(t == s) for t in terms} for s in terms] + [{t: 1 / len(terms) for t in terms}]
+    best = min(starts, key=cer)
+    while step >= min_step:
+        moves = [{**best, a: best[a] + step, b: best[b] - step} for a in terms for b in terms
+                 if a != b and best[b] - step >= -1e-9]
+        better = [m for m in moves if cer(m) < cer(best)]
+        if better:
+            best = min(better, key=cer)
+        else:
+            step /= 2
+    return best, [(dict(zip(terms, k)), v) for k, v in tried.items()]
