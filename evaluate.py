@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--fit-data", default=None, metavar="SOURCE",
                    help="labelled clips of the dialect a composition given without weights is for: its weights are "
                         "fitted on them (lowest CER); without it such a composition is uniform")
-    p.add_argument("--fit-samples", type=int, default=20, help="clips of --fit-data to fit on")
+    p.add_argument("--fit-samples", type=int, default=20, help="clips of --fit-data to fit on (of --dialect, if given)")
+    p.add_argument("--fit-split", default="train", help="split of --fit-data to fit on (keep it apart from the test clips)")
     p.add_argument("--route", action="append", default=[], metavar="DIALECT=NAME",
                    help="routed system: decode DIALECT with adapter NAME (default: the adapter named after the dialect)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
@@ -237,10 +238,11 @@ def choose_systems(model, base_fp, plan: dict, data: list, args, device):
 def fit_on(model, name, terms, args, plan, device) -> dict:
     """Fit the weights of composition `name` on --fit-samples clips of --fit-data (see scoring/systems.fit_mix)."""
     language = plan["languages"][0]
-    examples, _ = load_examples(args.fit_data, args.split, language=language)
-    examples = examples[:args.fit_samples]
+    examples, _ = load_examples(args.fit_data, args.fit_split, language=language)
+    examples = [e for e in examples if not plan["dialects"] or e.dialect in plan["dialects"]][:args.fit_samples]
     if not examples:
-        raise SystemExit(f"error: --fit-data {args.fit_data}: no usable {args.split} examples to fit {name} on")
+        raise SystemExit(f"error: --fit-data {args.fit_data}: no usable {args.fit_split} examples"
+                         + (f" of {sorted(plan['dialects'])}" if plan["dialects"] else "") + f" to fit {name} on")
     tokenizer = tokenizer_for(model, language)
     collator = Collator(tokenizer, n_mels=model.dims.n_mels, audio_ctx=plan["audio_ctx"])
     weights, tried = fit_mix(model, terms, SpeechDataset(examples, n_mels=model.dims.n_mels), collator, tokenizer,

@@ -301,3 +301,20 @@ def test_robustness_is_reported_per_system_and_dialect(setup, tmp_path):
     lines = (out / "robustness.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 6 and {json.loads(x)["system"] for x in lines} == {"base", "amdo"}
     assert "N-best robustness (NPRR)" in (out / "results.md").read_text()
+
+
+def test_compositions_are_systems(setup, tmp_path):
+    a, k = f"amdo={setup / 'amdo.safetensors'}", f"kham={setup / 'kham.safetensors'}"
+    res = evaluate.main(["--model", str(setup / "tiny.pt"), "--adapter", a, "--adapter", k,
+                         "--adapter", "same=amdo@1.0", "--adapter", "uniform=amdo@0.5+kham@0.5", "--adapter", "fitted=amdo+kham",
+                         "--fit-data", str(setup / "corpus"), "--fit-samples", "3", "--fit-split", "train",
+                         "--no-routed", "--data", str(setup / "corpus"), "--out", str(tmp_path), *FAST])
+    assert {"same", "uniform", "fitted"} <= set(res)
+    hyps = {}
+    for line in open(tmp_path / "utterances.jsonl", encoding="utf-8"):
+        r = json.loads(line)
+        hyps.setdefault(r["system"], []).append(r["hyp"])
+    assert hyps["same"] == hyps["amdo"]  # one adapter at weight 1 decodes as itself
+    meta = json.loads((tmp_path / "results.json").read_text())["_meta"]["mixes"]
+    assert meta["uniform"]["weights"] == {"amdo": 0.5, "kham": 0.5}
+    assert sum(meta["fitted"]["weights"].values()) == pytest.approx(1.0) and min(meta["fitted"]["weights"].values()) >= 0
