@@ -28,7 +28,7 @@ import torch
 from data.collate import Collator, SpeechDataset
 from data.sources import SourceError, limit_per_dialect, load_examples
 from data.validate import DataError
-from lora.adapters import set_active_adapter
+from lora.adapters import audio_ctx_of, set_active_adapter
 from research import robustness
 from scoring.evaluation import eval_batches, evaluate_systems, summarize, token_limit
 from scoring.metrics import term_recall
@@ -75,7 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--nbest", type=int, default=5, help="N-best list size for --robustness (beam = max(N, --beam-size))")
     p.add_argument("--robustness", action="store_true",
                    help="N-best perturbation rescoring robustness (NPRR) per system and dialect; see the README")
-    p.add_argument("--audio-ctx", default="full", help="full (30 s windows), auto (crop to the batch), or even frames")
+    p.add_argument("--audio-ctx", default=None,
+                   help="full (30 s windows), auto (crop to the batch), or even frames (default: what the adapters "
+                        "were trained with, else full)")
     p.add_argument("--base-8bit", action="store_true",
                    help="hold the base's Linear weights in int8 (as train.py --base-8bit), adapters on top; "
                         "--checkpoint models stay fp32")
@@ -117,6 +119,19 @@ def _audio_ctx(value: str):
     return int(value)
 
 
+def trained_audio_ctx(adapters: dict) -> str:
+    """The encoder context the adapters were trained with (a model decodes best as it was trained: README), when
+    they agree; "full" without adapters. One line asking for --audio-ctx when they differ."""
+    found = {name: str(audio_ctx_of(path)) for name, path in adapters.items()}
+    if len(set(found.values())) > 1:
+        raise SystemExit(f"error: the adapters were trained with different --audio-ctx ({found}): pass --audio-ctx "
+                         "to choose the one to decode with")
+    ctx = next(iter(found.values()), "full")
+    if adapters:
+        print(f"audio ctx {ctx}: as the adapters were trained (--audio-ctx overrides)")
+    return ctx
+
+
 def _read_terms(path) -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -151,7 +166,7 @@ def run(args, argv) -> dict:
     for name, s in skipped.items():
         s["at_load"] = failures.get(name, {})
     meta = {"model": args.model, "fingerprint": base_fp, "base_8bit": args.base_8bit, "adapters": plan["adapters"],
-            "mixes": mixes,
+            "mixes": mixes, "audio_ctx": plan["audio_ctx"],
             "routes": route if "routed" in systems else {}, "checkpoints": checkpoints, "data": dict(plan["sources"]),
             "languages": dict(zip([n for n, _ in plan["sources"]], plan["languages"])),
             "skipped": summarize_skipped(skipped), "argv": argv}
@@ -176,7 +191,7 @@ def check_args(args) -> dict:
         checkpoints[name] = checkpoint_spec(path)
     return {"sources": sources, "languages": languages, "adapters": adapters, "mixes": mixes,
             "routes": parse_routes(args.route, {**adapters, **mixes}), "checkpoints": checkpoints,
-            "audio_ctx": _audio_ctx(args.audio_ctx), "terms": _read_terms(args.terms) if args.terms else None,
+            "audio_ctx": _audio_ctx(args.audio_ctx or trained_audio_ctx(adapters)), "terms": _read_terms(args.terms) if args.terms else None,
             "dialects": set(args.dialect.split(",")) if args.dialect else None}
 
 

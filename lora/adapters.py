@@ -77,6 +77,13 @@ def read_adapter_metadata(path) -> dict:
                          f"write it with lora.save_adapter") from None
 
 
+def audio_ctx_of(path) -> str:
+    """The encoder context (--audio-ctx) an adapter was trained with, from its train.py config; "full" (whisper's
+    30 s windows) for adapters that do not record one."""
+    meta = read_adapter_metadata(path)["user_metadata"]
+    return str(meta.get("audio_ctx") or (meta.get("config") or {}).get("audio_ctx") or "full")
+
+
 def _open(path, with_tensors=False):
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -318,3 +318,19 @@ def test_compositions_are_systems(setup, tmp_path):
     meta = json.loads((tmp_path / "results.json").read_text())["_meta"]["mixes"]
     assert meta["uniform"]["weights"] == {"amdo": 0.5, "kham": 0.5}
     assert sum(meta["fitted"]["weights"].values()) == pytest.approx(1.0) and min(meta["fitted"]["weights"].values()) >= 0
+
+
+def test_adapters_are_decoded_with_the_encoder_context_they_were_trained_with(setup, tmp_path):
+    model = _model()
+    fp = fingerprint(model)
+    add_lora(model, "amdo", targets="qv", r=4, alpha=8)
+    save_adapter(model, tmp_path / "auto.safetensors", "amdo", base_fingerprint=fp,
+                 metadata={"config": {"audio_ctx": "auto"}})  # as train.py --audio-ctx auto records it
+    args = ["--model", str(setup / "tiny.pt"), "--adapter", f"amdo={tmp_path / 'auto.safetensors'}", "--no-routed",
+            "--data", str(setup / "corpus"), "--max-samples", "1", "--batch-size", "4"]
+    evaluate.main(args + ["--out", str(tmp_path / "a")])
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["_meta"]["audio_ctx"] == "auto"
+    evaluate.main(args + ["--audio-ctx", "full", "--out", str(tmp_path / "b")])  # the flag still wins
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["_meta"]["audio_ctx"] == "full"
+    with pytest.raises(SystemExit, match="different --audio-ctx"):
+        evaluate.main(args + ["--adapter", f"kham={setup / 'kham.safetensors'}", "--out", str(tmp_path / "c")])
