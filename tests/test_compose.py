@@ -84,3 +84,27 @@ def test_parse_mix_and_its_errors():
     model = _two_adapters()
     with pytest.raises(KeyError, match="utsang"):
         compose(model, "mix", {"amdo": 0.5, "utsang": 0.5})
+
+
+def test_leave_one_dialect_out_report(tmp_path):
+    """research/loo.py on tiny dims: per held-out dialect, the others alone, uniform, fitted and its own adapter."""
+    from conftest import make_corpus
+    from research import loo
+    from test_evaluate import _adapter, _model
+    from whisper_ft.models import export_openai
+
+    export_openai(_model(), tmp_path / "tiny.pt")
+    for seed, d in enumerate(("utsang", "amdo", "kham"), 1):
+        _adapter(_model(), d, tmp_path / f"{d}.safetensors", seed=seed)
+    make_corpus(tmp_path / "corpus", n_per_dialect=2, n_test=1)
+    loo.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(tmp_path / "corpus"), "--fit-samples", "2",
+              "--out", str(tmp_path / "loo"), "--audio-ctx", "auto", "--max-samples", "1",
+              *[f"--adapter={d}={tmp_path / f'{d}.safetensors'}" for d in ("utsang", "amdo", "kham")]])
+    report = (tmp_path / "loo" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| held")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["utsang", "amdo", "kham"]
+    import json
+
+    res = json.loads((tmp_path / "loo" / "kham" / "results.json").read_text())
+    assert set(res) >= {"base", "utsang", "amdo", "uniform", "fitted", "own"} and "kham" not in res
+    assert set(res["_meta"]["mixes"]["fitted"]["weights"]) == {"utsang", "amdo"}
