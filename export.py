@@ -85,6 +85,10 @@ def main(argv=None) -> dict:
             json.dump(record, f, indent=2)
     print(f"exported {spec}" + (f" + adapter {target}" if target else "") + f" to {args.to}: {args.out}"
           + (f" ({', '.join(files + ['export.json'])})" if files else ""))
+    if args.to in ("hf", "ct2") and "tokenizer.json" not in files:
+        print("note: no tokenizer.json ships for this model's vocabulary (only the multilingual 99-language one "
+              "does); faster-whisper / transformers fetch the tokenizer of the matching openai/whisper-* model "
+              "from the hub, or copy its tokenizer.json into the directory")
     if args.to == "peft":
         print("PEFT applies it on the transformers export of the same base: python export.py --model "
               f"{spec} --to hf --out BASE_HF")
