@@ -202,7 +202,7 @@ def main(argv=None, on_eval=None) -> dict:
     device = f"cuda:{local_rank}" if world > 1 and device.startswith("cuda") else device
     run_dir, config = open_run_dir(args, argv, world=world, is_main=rank == 0)
     torch.manual_seed(args.seed)
-    # the recipe: base model -> LoRA (or all weights) -> data -> optimizer -> loop -> save -> evaluate
+    # the recipe: base model -> data -> LoRA (or all weights; its schedule needs the step count) -> optimizer -> loop
     model, base_fp = load_base(args.model, device, base_8bit=args.base_8bit)
     language = language_of(args.language, args.language_fallback)
     tokenizer = tokenizer_for(model, language)
