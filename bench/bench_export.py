@@ -24,12 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import export  # noqa: E402
 from data.collate import Collator, SpeechDataset  # noqa: E402
 from data.sources import limit_per_dialect, load_examples  # noqa: E402
-from scoring.evaluation import eval_batches, summarize, token_limit  # noqa: E402
+from scoring.evaluation import eval_batches, summarize  # noqa: E402
 from scoring.metrics import score_corpus  # noqa: E402
 from scoring.systems import load_systems, parse_adapters  # noqa: E402
 from training.setup import choose_device, load_base  # noqa: E402
 from whisper_ft.decoding import decode, suppress_tokens  # noqa: E402
-from whisper_ft.text import prefix_tokens, tokenizer_for  # noqa: E402
+from whisper_ft.text import normalize_text, prefix_tokens, tokenizer_for  # noqa: E402
 
 
 def timed(fn):
@@ -109,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--max-samples", type=int, default=None, help="clips per dialect (default: all)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="token budget of every row (default: the longest reference + 8, so no correct text is cut "
+                         "and a looping one stops there)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -127,7 +130,8 @@ def main(argv=None):
     batches = list(eval_batches(dataset, Collator(tok, n_mels=model.dims.n_mels, audio_ctx="full"), args.batch_size))
     refs = [t for _, b in batches for t in b.texts]
     dialects = [d for d, b in batches for _ in b.texts]
-    max_tokens = token_limit(dataset, tok)
+    longest = max(len(tok.encode(normalize_text(e.text, e.language))) for e in examples)
+    max_tokens = args.max_tokens or longest + 8
     rows = {}
     rows["ours (base + adapter, LoRA layers)"] = timed(lambda: ours(model, batches, tok, max_tokens))
     with tempfile.TemporaryDirectory() as tmp:
