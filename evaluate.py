@@ -122,7 +122,12 @@ def _audio_ctx(value: str):
 def trained_audio_ctx(adapters: dict) -> str:
     """The encoder context the adapters were trained with (a model decodes best as it was trained: README), when
     they agree; "full" without adapters. One line asking for --audio-ctx when they differ."""
-    found = {name: str(audio_ctx_of(path)) for name, path in adapters.items()}
+    found = {}
+    for name, path in adapters.items():
+        try:
+            found[name] = audio_ctx_of(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
     if len(set(found.values())) > 1:
         raise SystemExit(f"error: the adapters were trained with different --audio-ctx ({found}): pass --audio-ctx "
                          "to choose the one to decode with")
