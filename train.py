@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from data.collate import Collator, SpeechDataset, make_loader
 from data.samplers import DialectSampler
-from data.sources import DIALECTS, limit_per_dialect, load_examples
+from data.sources import DIALECTS, SourceError, limit_per_dialect, load_examples
+from data.validate import DataError
 from lora.adapters import save_adapter, set_active_adapter
 from lora.inject import count_parameters, describe_trainable, mark_only_lora_trainable
 from lora.int8 import storage_bytes
@@ -146,10 +147,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = resume_config(args)
     vars(args).pop("explicit", None)
     args.base_8bit = getattr(args, "base_8bit", False)  # absent from the config of a run made before the flag
+    check_values(args)
+    return args
+
+
+# flag -> (test, what it must be); None passes where the flag's default is None
+_VALID = {"batch_size": (lambda v: v >= 1, "a positive integer"), "grad_accum": (lambda v: v >= 1, "a positive integer"),
+          "epochs": (lambda v: v >= 1, "a positive integer"), "max_steps": (lambda v: v >= 1, "a positive integer"),
+          "samples": (lambda v: v >= 1, "a positive integer"), "lr": (lambda v: v > 0, "a positive number"),
+          "warmup_steps": (lambda v: v >= 0, "0 or more"), "weight_decay": (lambda v: v >= 0, "0 or more"),
+          "clip": (lambda v: v >= 0, "0 (off) or more"), "lora_r": (lambda v: v >= 1, "a positive integer"),
+          "lora_alpha": (lambda v: v > 0, "a positive number"), "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+          "max_bad_steps": (lambda v: v >= 1, "a positive integer"), "eval_every": (lambda v: v >= 0, "0 or more"),
+          "eval_samples": (lambda v: v >= 1, "a positive integer"), "eval_batch_size": (lambda v: v >= 1, "a positive integer"),
+          "beam_size": (lambda v: v >= 1, "a positive integer"), "save_every": (lambda v: v >= 0, "0 or more"),
+          "keep_last": (lambda v: v >= 1, "a positive integer"), "log_every": (lambda v: v >= 1, "a positive integer"),
+          "num_workers": (lambda v: v >= 0, "0 or more"), "temperature": (lambda v: v > 0, "a positive number")}
+
+
+def check_values(args) -> None:
+    """One line naming the flag for a value no run can use (from the command line or from --config alike)."""
+    for key, (ok, what) in _VALID.items():
+        value = getattr(args, key, None)
+        if value is not None and not ok(value):
+            raise SystemExit(f"error: --{key.replace('_', '-')} {value}: must be {what}")
+    ctx = str(args.audio_ctx)
+    if ctx not in ("full", "auto") and not (ctx.isdigit() and int(ctx) % 2 == 0 and 0 < int(ctx) <= 3000):
+        raise SystemExit(f"error: --audio-ctx {ctx}: expected full, auto, or an even number of frames <= 3000")
     if args.base_8bit and args.mode != "lora":
         raise SystemExit("error: --base-8bit is for --mode lora only: it freezes the base in int8, and full "
                          "fine-tuning trains those weights (drop --base-8bit, or use --mode lora)")
-    return args
+    if args.freeze_encoder and args.mode == "lora":
+        raise SystemExit("error: --freeze-encoder is for --mode full (LoRA already freezes the base); to train no "
+                         "encoder adapter, give decoder targets, e.g. --lora-targets 'decoder\\..*\\.(query|value)'")
 
 
 @dataclass
@@ -352,7 +382,7 @@ def micro_batches(loader, sampler, dataset, epoch, consumed, batch_size, epochs)
 
 def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> dict:
     """The training examples in the sampler's order (this rank's share), and the test set."""
-    train_examples, report = load_examples(args.data, "train", language=language, strict=args.strict)
+    train_examples, report = load_split(args.data, "train", language=language, strict=args.strict)
     print(report.summary())
     include, mode = select_dialects(args.dialect, args.sampling, sorted({e.dialect for e in train_examples}))
     sampler = DialectSampler([e.dialect for e in train_examples], mode=mode, include=include,
@@ -364,7 +394,7 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
     dataset = SpeechDataset(train_examples, n_mels=n_mels, wave_augment=wave_augment if wave_augment.enabled else None,
                             seed=args.seed)
     collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
-    test_examples, test_report = load_examples(args.eval_data or args.data, "test", language=language)
+    test_examples, test_report = load_split(args.eval_data or args.data, "test", language=language)
     print(test_report.summary())
     test_examples = limit_per_dialect(test_examples, args.eval_samples)
     print(f"data {args.data}: {len(train_examples)} train rows, dialects {include} sampled {mode}, "
@@ -374,6 +404,14 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
                 eval_dataset=SpeechDataset(test_examples, n_mels=n_mels),  # never augmented
                 eval_collator=Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx),
                 micro_per_epoch=math.ceil(sampler.num_samples_per_epoch() / (args.batch_size * world)))
+
+
+def load_split(spec: str, split: str, **kw):
+    """data.sources.load_examples, with a source that cannot be read answered in one line."""
+    try:
+        return load_examples(spec, split, **kw)
+    except (SourceError, DataError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def prepare_model(model, args, total_steps: int, device: str):

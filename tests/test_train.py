@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -282,3 +283,28 @@ def test_sigint_saves_a_resumable_checkpoint(setup, tmp_path):
     assert "--resume" in str(e.value)
     _run(setup, out, "--resume", str(out))
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["step"] == 24
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size 0: must be a positive integer"),
+    (["--lr", "-1"], "--lr -1.0: must be a positive number"),
+    (["--lora-r", "0"], "--lora-r 0: must be a positive integer"),
+    (["--lora-dropout", "1.5"], "--lora-dropout 1.5: must be in [0, 1)"),
+    (["--audio-ctx", "banana"], "--audio-ctx banana: expected full, auto"),
+    (["--mode", "lora", "--freeze-encoder"], "--freeze-encoder is for --mode full"),
+    (["--mode", "full", "--base-8bit"], "--base-8bit is for --mode lora only"),
+])
+def test_values_no_run_can_use_are_one_line_before_any_work(flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.parse_args(flags)
+
+
+def test_values_from_a_config_file_are_checked_too(tmp_path):
+    (tmp_path / "c.json").write_text('{"grad_accum": 0}')
+    with pytest.raises(SystemExit, match="--grad-accum 0: must be a positive integer"):
+        train.parse_args(["--config", str(tmp_path / "c.json")])
+
+
+def test_a_missing_manifest_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="error: .*nowhere.jsonl"):
+        train.main(["--data", str(tmp_path / "nowhere.jsonl"), "--model", "offline:base", "--out", str(tmp_path / "r")])
