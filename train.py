@@ -478,10 +478,17 @@ def catch_stop_signals(state: TrainState) -> None:
 
 
 def skip_step(run: Run, state: TrainState, loss: float) -> None:
-    """A non-finite loss or gradient: no update; after --max-bad-steps in a row, checkpoint and stop."""
-    state.bad_in_row, state.skipped = state.bad_in_row + 1, state.skipped + 1
-    print(f"step {state.step}: non-finite loss/gradient ({loss}), step skipped "
-          f"({state.bad_in_row} in a row, {state.skipped} in total)")
+    """A non-finite loss or gradient: no update; after --max-bad-steps in a row, checkpoint and stop.
+
+    Under fp16 loss scaling, an overflowing gradient with a finite loss is the scaler's normal business (its
+    first steps overflow by design while the scale falls): skipped and counted, but not as a bad step, as long
+    as the scale is still >= 1 (below that even the unscaled gradient overflows)."""
+    overflow = run.scaler.is_enabled() and math.isfinite(loss) and run.scaler.get_scale() >= 1.0
+    state.skipped += 1
+    state.bad_in_row = 0 if overflow else state.bad_in_row + 1
+    print(f"step {state.step}: " + (f"fp16 gradient overflow at loss scale {run.scaler.get_scale():g}, step skipped"
+                                    if overflow else f"non-finite loss/gradient ({loss}), step skipped "
+                                    f"({state.bad_in_row} in a row, {state.skipped} in total)"))
     run.tb.add_scalar("train/skipped_steps", state.skipped, state.step)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.update()  # with fp16 this lowers the loss scale, which is often the cure

@@ -308,3 +308,43 @@ def test_values_from_a_config_file_are_checked_too(tmp_path):
 def test_a_missing_manifest_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="error: .*nowhere.jsonl"):
         train.main(["--data", str(tmp_path / "nowhere.jsonl"), "--model", "offline:base", "--out", str(tmp_path / "r")])
+
+
+class _Scaler:
+    """A GradScaler stand-in: fp16 loss scaling that halves its scale on every update after an overflow."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return self.scale
+
+    def update(self):
+        self.scale /= 2
+
+
+def _run_for_skips(tmp_path, scale):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(scaler=_Scaler(scale), optimizer=SimpleNamespace(zero_grad=lambda **kw: None),
+                           tb=SimpleNamespace(add_scalar=lambda *a: None, close=lambda: None),
+                           args=SimpleNamespace(max_bad_steps=3), run_dir=str(tmp_path), is_main=False)
+
+
+def test_fp16_overflows_while_the_scale_falls_do_not_abort_a_healthy_run(tmp_path):
+    from training.state import TrainState
+
+    run, state = _run_for_skips(tmp_path, 65536.0), TrainState()
+    for _ in range(10):  # ten overflows in a row with a finite loss: the scaler's own business
+        train.skip_step(run, state, 2.5)
+    assert state.skipped == 10 and state.bad_in_row == 0 and run.scaler.scale == 64.0
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+        for _ in range(3):  # a non-finite loss is bad at any scale
+            train.skip_step(run, state, float("nan"))
+    run, state = _run_for_skips(tmp_path, 0.5), TrainState()
+    with pytest.raises(SystemExit, match="non-finite steps in a row"):  # overflowing even below scale 1
+        for _ in range(3):
+            train.skip_step(run, state, 2.5)
