@@ -144,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.explicit = {a.dest for a in p._actions if any(s in (argv or sys.argv[1:]) for s in a.option_strings)}
     if args.resume:
-        args = resume_config(args)
+        args = resume_config(args, defaults={a.dest: a.default for a in p._actions if a.dest != "help"})
     vars(args).pop("explicit", None)
     args.base_8bit = getattr(args, "base_8bit", False)  # absent from the config of a run made before the flag
     check_values(args)

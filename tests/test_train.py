@@ -348,3 +348,13 @@ def test_fp16_overflows_while_the_scale_falls_do_not_abort_a_healthy_run(tmp_pat
     with pytest.raises(SystemExit, match="non-finite steps in a row"):  # overflowing even below scale 1
         for _ in range(3):
             train.skip_step(run, state, 2.5)
+
+
+def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": "demo", "lr": 0.002, "max_steps": 10, "seed": 0}))
+    with pytest.raises(SystemExit, match="--data demo.*drop --data"):
+        train.parse_args(["--resume", str(run), "--data", "other.jsonl"])
+    args = train.parse_args(["--resume", str(run), "--max-steps", "20", "--seed", "0"])  # same value: fine
+    assert args.max_steps == 20 and args.data == "demo" and args.resume == str(run)

@@ -17,13 +17,21 @@ from training.checkpoint import latest_checkpoint
 RESUME_OVERRIDABLE = ("max_steps", "epochs", "eval_every", "save_every", "num_workers", "batch_size")
 
 
-def resume_config(args) -> argparse.Namespace:
-    """The saved config of RUN_DIR, with only the flags that may change on resume taken from the command line."""
+def resume_config(args, defaults: dict | None = None) -> argparse.Namespace:
+    """The saved config of RUN_DIR, with only the flags that may change on resume taken from the command line;
+    `defaults` fill the flags a run made before they existed does not record."""
     path = os.path.join(args.resume, "config.json")
     if not os.path.isfile(path):
         sys.exit(f"error: --resume {args.resume}: no config.json there (is it a run directory?)")
     with open(path) as f:
-        saved = json.load(f)
+        saved = {**(defaults or {}), **json.load(f)}
+    changed = sorted(k for k in args.explicit - set(RESUME_OVERRIDABLE) - {"resume", "out", "config"}
+                     if k in saved and getattr(args, k) != saved[k])
+    if changed:  # the data order, model and recipe come from the run: a silently ignored flag would mislead
+        k = changed[0]
+        raise SystemExit(f"error: --resume {args.resume} continues the run as it was made (--{k.replace('_', '-')} "
+                         f"{saved[k]}); drop --{k.replace('_', '-')}, or start a new run with another --out "
+                         f"(may change on resume: {', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDABLE)})")
     for key in RESUME_OVERRIDABLE:
         if key in args.explicit:
             saved[key] = getattr(args, key)
