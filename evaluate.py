@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from data.collate import Collator, SpeechDataset
-from data.sources import SourceError, limit_per_dialect, load_examples
+from data.sources import SourceError, add_data_args, data_options, limit_per_dialect, load_examples
 from data.validate import DataError
 from lora.adapters import audio_ctx_of, set_active_adapter
 from research import robustness
@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--language-fallback", default=None,
                    help="Whisper language token to reuse for a language Whisper lacks (e.g. bo for Dzongkha)")
     p.add_argument("--split", default="test")
+    add_data_args(p)
     p.add_argument("--dialect", default=None, help="only these dialects (comma-separated)")
     p.add_argument("--max-samples", type=int, default=None, help="clips per dialect (default: all)")
     p.add_argument("--no-routed", action="store_true", help="do not add the routed system")
@@ -205,7 +206,7 @@ def load_data(plan: dict, args) -> tuple[list, dict]:
     front, so bad rows are counted and a wrong --data fails in seconds."""
     data, skipped, dialects = [], {}, plan["dialects"]
     for (name, spec), language in zip(plan["sources"], plan["languages"]):
-        examples, report = load_examples(spec, args.split, language=language)
+        examples, report = load_examples(spec, args.split, language=language, **data_options(args))
         print(report.summary())
         present = sorted({e.dialect for e in examples})
         if dialects:
@@ -258,7 +259,7 @@ def choose_systems(model, base_fp, plan: dict, data: list, args, device):
 def fit_on(model, name, terms, args, plan, device) -> dict:
     """Fit the weights of composition `name` on --fit-samples clips of --fit-data (see scoring/systems.fit_mix)."""
     language = plan["languages"][0]
-    examples, _ = load_examples(args.fit_data, args.fit_split, language=language)
+    examples, _ = load_examples(args.fit_data, args.fit_split, language=language, **data_options(args))
     examples = [e for e in examples if not plan["dialects"] or e.dialect in plan["dialects"]][:args.fit_samples]
     if not examples:
         raise SystemExit(f"error: --fit-data {args.fit_data}: no usable {args.fit_split} examples"

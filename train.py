@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from data.collate import Collator, SpeechDataset, make_loader
 from data.samplers import DialectSampler
-from data.sources import DIALECTS, SourceError, limit_per_dialect, load_examples
+from data.sources import DIALECTS, SourceError, add_data_args, data_options, limit_per_dialect, load_examples
 from data.validate import DataError
 from lora.adapters import save_adapter, set_active_adapter
 from lora.inject import count_parameters, describe_trainable, mark_only_lora_trainable
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="for --sampling temperature: p ~ n^(1/T)")
     g.add_argument("--samples", type=int, default=None, help="training samples per epoch (default: all rows)")
     g.add_argument("--strict", action="store_true", help="any bad data row is an error before training")
+    add_data_args(g)
     g.add_argument("--num-workers", type=int, default=0)
     g = p.add_argument_group("optimisation")
     g.add_argument("--mode", default="lora", choices=["lora", "full"])
@@ -382,7 +383,7 @@ def micro_batches(loader, sampler, dataset, epoch, consumed, batch_size, epochs)
 
 def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> dict:
     """The training examples in the sampler's order (this rank's share), and the test set."""
-    train_examples, report = load_split(args.data, "train", language=language, strict=args.strict)
+    train_examples, report = load_split(args.data, "train", language=language, strict=args.strict, **data_options(args))
     print(report.summary())
     include, mode = select_dialects(args.dialect, args.sampling, sorted({e.dialect for e in train_examples}))
     sampler = DialectSampler([e.dialect for e in train_examples], mode=mode, include=include,
@@ -394,7 +395,7 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
     dataset = SpeechDataset(train_examples, n_mels=n_mels, wave_augment=wave_augment if wave_augment.enabled else None,
                             seed=args.seed)
     collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
-    test_examples, test_report = load_split(args.eval_data or args.data, "test", language=language)
+    test_examples, test_report = load_split(args.eval_data or args.data, "test", language=language, **data_options(args))
     print(test_report.summary())
     test_examples = limit_per_dialect(test_examples, args.eval_samples)
     print(f"data {args.data}: {len(train_examples)} train rows, dialects {include} sampled {mode}, "

@@ -88,7 +88,8 @@ def load_examples(spec: str, split: str = "train", *, language: str = "bo", stri
 
     dialect_map: dict, JSON string, JSON file, or "RAW=dialect,..." applied to raw labels (OpenPecha
       `dept`, a dataset's accent column, ...), on top of DEPT_TO_DIALECT.
-    dialects: accepted labels; default DIALECTS for Tibetan (plus dialect_map's targets), any label otherwise.
+    dialects: accepted labels; default DIALECTS for Tibetan (plus dialect_map's targets), any label otherwise;
+      "any" accepts every label for Tibetan too.
     min_grade: OpenPecha review grade, rows below it are dropped (not counted as bad).
     max_rows: cap rows per source before any audio is fetched (quick experiments).
     audio_check: "header" (soundfile.info only; silent/NaN clips are skipped later by SpeechDataset)
@@ -97,6 +98,8 @@ def load_examples(spec: str, split: str = "train", *, language: str = "bo", stri
     mapping = {**DEPT_TO_DIALECT, **parse_dialect_map(dialect_map)}
     if dialects is None and language == "bo":
         dialects = sorted(set(DIALECTS) | set(parse_dialect_map(dialect_map).values()))
+    elif dialects == "any":
+        dialects = None
     opts = dict(language=language, mapping=mapping, text_column=text_column, dialect_column=dialect_column,
                 max_rows=max_rows)
     report = ValidationReport(source=f"{spec} [{split}]")
@@ -505,6 +508,30 @@ def probe_hub(name: str, *, endpoint: str | None = None, timeout: float = HUB_TI
             raise SourceError(f"hf:{name}: access denied ({e}); accept its terms on the Hub and log in") from None
         raise SourceError(f"hf:{name}: Hugging Face Hub unreachable after {time.monotonic() - t0:.1f} s "
                           f"({type(e).__name__}); {OFFLINE_HINT}") from None
+
+
+def add_data_args(group) -> None:
+    """The flags that choose rows of a source, shared by train.py and evaluate.py (see load_examples)."""
+    group.add_argument("--max-rows", type=int, default=None, help="rows per source at most, before any audio is fetched")
+    group.add_argument("--min-grade", type=int, default=None, help="OpenPecha: drop rows reviewed below this grade")
+    group.add_argument("--dialect-map", default=None, metavar="RAW=LABEL,...|FILE.json",
+                       help="map raw labels (OpenPecha dept, a dataset's accent column) to dialect labels")
+    group.add_argument("--text-column", default=None, help="the column holding the transcript (default: guessed)")
+    group.add_argument("--dialect-column", default=None, help="the column holding the dialect label (default: guessed)")
+    group.add_argument("--dialects", default=None, metavar="A,B,...|any",
+                       help="accepted dialect labels (default: utsang, amdo, kham and --dialect-map's labels for "
+                            "Tibetan, any label otherwise); 'any' accepts every label the data has")
+
+
+def data_options(args) -> dict:
+    """load_examples keyword arguments from add_data_args' flags (absent ones, as in an older run's config, unset)."""
+    dialects = getattr(args, "dialects", None)
+    if getattr(args, "max_rows", None) is not None and args.max_rows < 1:
+        raise SystemExit(f"error: --max-rows {args.max_rows}: must be a positive integer")
+    return dict(max_rows=getattr(args, "max_rows", None), min_grade=getattr(args, "min_grade", None),
+                dialect_map=getattr(args, "dialect_map", None), text_column=getattr(args, "text_column", None),
+                dialect_column=getattr(args, "dialect_column", None),
+                dialects=dialects if dialects in (None, "any") else [d.strip() for d in dialects.split(",") if d.strip()])
 
 
 __all__ = ["Example", "DIALECTS", "DEPT_TO_DIALECT", "load_examples", "load_manifest", "parse_dialect_map",

@@ -102,7 +102,8 @@ def validate_examples(examples, report: ValidationReport, *, audio_check: str = 
 
 def _check(ex, tok, allowed, audio_check, report):
     if not ex.dialect or (allowed is not None and ex.dialect not in allowed):
-        hint = f"expected one of {sorted(allowed)}; map it with dialect_map" if allowed else "no label"
+        hint = (f"expected one of {sorted(allowed)}; map it with --dialect-map RAW=LABEL, or accept it with "
+                f"--dialects (a list, or any)") if allowed else "no label"
         return "unknown_dialect", f"{ex.dialect!r}: {hint}"
     text = normalize_text(ex.text or "", ex.language)
     if not text:

@@ -334,3 +334,14 @@ def test_adapters_are_decoded_with_the_encoder_context_they_were_trained_with(se
     assert json.loads((tmp_path / "b" / "results.json").read_text())["_meta"]["audio_ctx"] == "full"
     with pytest.raises(SystemExit, match="different --audio-ctx"):
         evaluate.main(args + ["--adapter", f"kham={setup / 'kham.safetensors'}", "--out", str(tmp_path / "c")])
+
+
+def test_any_label_set_and_row_caps_from_the_command_line(setup, tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_per_dialect=1, dialects=("golok", "amdo"), n_test=3)
+    base = ["--model", str(setup / "tiny.pt"), "--data", str(corpus), *FAST]
+    with pytest.raises(SystemExit, match="no usable test examples of dialects"):  # golok is not a known label ...
+        evaluate.main(base + ["--dialect", "golok", "--out", str(tmp_path / "a")])
+    res = evaluate.main(base + ["--dialects", "any", "--max-rows", "4", "--out", str(tmp_path / "b")])  # ... unless accepted
+    assert res["base"]["golok"]["n"] == 3 and res["base"]["amdo"]["n"] == 1  # 4 rows of 6: the file's first 4
+    res = evaluate.main(base + ["--dialect-map", "golok=amdo", "--out", str(tmp_path / "c2")])
+    assert res["base"]["amdo"]["n"] == 6 and "golok" not in res["base"]
