@@ -300,23 +300,35 @@ def cache_path(url: str, cache: Path) -> Path:
 
 
 def fetch_all(examples, cache: Path, *, workers: int = 8, **kw) -> list:
-    """Replace each example's URL with its cached file, downloading what is missing in parallel.
-    Returns [(example, error message)] for clips that could not be fetched."""
+    """Replace each example's URL with its cached file, downloading what is missing in parallel (each file retried,
+    then counted and skipped). A progress bar (files, megabytes, failures) shows on a terminal, and one summary
+    line ends every fetch. Returns [(example, error message)] for clips that could not be fetched."""
+    from tqdm import tqdm
+
     cache.mkdir(parents=True, exist_ok=True)
     todo = [e for e in examples if not cache_path(e.audio, cache).exists()]
-    failed = []
+    failed, fetched_bytes = [], 0
 
     def one(e):
         try:
-            download(e.audio, cache_path(e.audio, cache), **kw)
+            return e, download(e.audio, cache_path(e.audio, cache), **kw).stat().st_size, None
         except DownloadError as err:
-            return e, str(err)
-        return None
+            return e, 0, str(err)
 
     if todo:
-        log.info("downloading %d of %d clips into %s", len(todo), len(examples), cache)
-        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            failed = [r for r in pool.map(one, todo) if r is not None]
+        print(f"downloading {len(todo)} of {len(examples)} clips into {cache}", flush=True)
+        t0 = time.time()
+        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool, \
+                tqdm(total=len(todo), unit="file", disable=None, dynamic_ncols=True) as bar:
+            for e, size, err in pool.map(one, todo):
+                fetched_bytes += size
+                if err is not None:
+                    failed.append((e, err))
+                bar.update(1)
+                bar.set_postfix(MB=f"{fetched_bytes / 2**20:.1f}", failed=len(failed))
+        print(f"fetched {len(todo) - len(failed)} clips ({fetched_bytes / 2**20:.1f} MB) in {time.time() - t0:.0f} s"
+              + (f"; {len(failed)} failed after retries and are skipped, e.g. {failed[0][1]}" if failed else ""),
+              flush=True)
     for e in examples:
         e.audio = str(cache_path(e.audio, cache)) if cache_path(e.audio, cache).exists() else e.audio
     return failed

@@ -176,10 +176,12 @@ def openpecha_parquet(path, server):
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def test_openpecha_parquet_downloads_once_into_cache(tmp_path, server):
+def test_openpecha_parquet_downloads_once_into_cache(tmp_path, server, capsys):
     openpecha_parquet(tmp_path / "op.parquet", server)
     cache = tmp_path / "cache"
     good, report = load_examples(f"openpecha:{tmp_path / 'op.parquet'}", cache_dir=cache, min_grade=2)
+    out = capsys.readouterr().out  # a long fetch says what it does and how it ended
+    assert "downloading 5 of 5 clips" in out and "fetched 4 clips" in out and "1 failed after retries" in out
     assert [(e.id, e.dialect) for e in good] == [("STT_AB_0", "utsang"), ("STT_AM_1", "amdo"),
                                                  ("KH_AB_2", "kham"), ("KH_4", "kham")]
     assert report.skipped == {"download_failed": 1, "too_long": 1} and report.notes["filtered below grade 2"] == 1
