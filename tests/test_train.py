@@ -358,3 +358,17 @@ def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path):
         train.parse_args(["--resume", str(run), "--data", "other.jsonl"])
     args = train.parse_args(["--resume", str(run), "--max-steps", "20", "--seed", "0"])  # same value: fine
     assert args.max_steps == 20 and args.data == "demo" and args.resume == str(run)
+
+
+def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path):
+    from training.rundir import open_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": "demo", "batch_size": 8, "world_size": 2}))
+    args = train.parse_args(["--resume", str(run)])
+    with pytest.raises(SystemExit, match="global batch was 16 .* pass --batch-size 16"):
+        open_run_dir(args, [], world=1, is_main=True)  # one process of 8 would see half the batch
+    args = train.parse_args(["--resume", str(run), "--batch-size", "16"])
+    run_dir, config = open_run_dir(args, [], world=1, is_main=True)
+    assert config["batch_size"] == 16 and "resumed_global_batch" not in config

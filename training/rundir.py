@@ -32,6 +32,7 @@ def resume_config(args, defaults: dict | None = None) -> argparse.Namespace:
         raise SystemExit(f"error: --resume {args.resume} continues the run as it was made (--{k.replace('_', '-')} "
                          f"{saved[k]}); drop --{k.replace('_', '-')}, or start a new run with another --out "
                          f"(may change on resume: {', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDABLE)})")
+    saved["resumed_global_batch"] = saved["batch_size"] * saved.get("world_size", 1)  # checked in open_run_dir
     for key in RESUME_OVERRIDABLE:
         if key in args.explicit:
             saved[key] = getattr(args, key)
@@ -50,6 +51,12 @@ def open_run_dir(args, argv, *, world: int, is_main: bool) -> tuple[str, dict]:
         torch.distributed.broadcast_object_list(shared, src=0)
         run_dir = shared[0]
     args.out = run_dir
+    global_batch = vars(args).pop("resumed_global_batch", None)
+    if global_batch is not None and global_batch != args.batch_size * world:
+        raise SystemExit(f"error: --resume {run_dir}: the run's global batch was {global_batch} clips per micro-step "
+                         f"and {world} process(es) x --batch-size {args.batch_size} make {args.batch_size * world}: "
+                         f"pass --batch-size {global_batch // world}" + ("" if global_batch % world == 0 else
+                                                                         " (or use a number of processes that divides it)"))
     if not args.resume and latest_checkpoint(run_dir):
         raise SystemExit(f"error: --out {run_dir} already holds a run: continue it with --resume {run_dir}, "
                          "or choose another --out")
