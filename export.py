@@ -56,11 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    adapters, mixes = parse_adapters([v if "=" in v else f"adapter={v}" for v in args.adapter])
+    named = [v if "=" in v else f"adapter={v}" for v in args.adapter]  # a bare PATH is named "adapter"
+    adapters, mixes = parse_adapters(named)
     spec = checkpoint_spec(args.checkpoint) if args.checkpoint else args.model
     model, base_fp = load_base(spec, choose_device(args.device))
     built = load_systems(model, base_fp, adapters, mixes, mix_rank=args.mix_rank)
-    target = _last_name(args.adapter) if args.adapter else None
+    target = named[-1].partition("=")[0] if named else None
     record = {"format": args.to, "quantization": args.quantization or ("float32" if args.to == "ct2" else None),
               "base_model": spec, "base_fingerprint": base_fp, "adapter": target,
               "adapter_file": adapters.get(target), "composition": built.get(target),
@@ -93,11 +94,6 @@ def main(argv=None) -> dict:
         print("PEFT applies it on the transformers export of the same base: python export.py --model "
               f"{spec} --to hf --out BASE_HF")
     return record
-
-
-def _last_name(values) -> str:
-    name, sep, _ = values[-1].partition("=")
-    return name if sep else "adapter"
 
 
 if __name__ == "__main__":

@@ -147,7 +147,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resume:
         args = resume_config(args, defaults={a.dest: a.default for a in p._actions if a.dest != "help"})
     vars(args).pop("explicit", None)
-    args.base_8bit = getattr(args, "base_8bit", False)  # absent from the config of a run made before the flag
     check_values(args)
     return args
 

@@ -536,13 +536,12 @@ def add_data_args(group) -> None:
 
 
 def data_options(args) -> dict:
-    """load_examples keyword arguments from add_data_args' flags (absent ones, as in an older run's config, unset)."""
-    dialects = getattr(args, "dialects", None)
-    if getattr(args, "max_rows", None) is not None and args.max_rows < 1:
+    """load_examples keyword arguments from add_data_args' flags."""
+    if args.max_rows is not None and args.max_rows < 1:
         raise SystemExit(f"error: --max-rows {args.max_rows}: must be a positive integer")
-    return dict(max_rows=getattr(args, "max_rows", None), min_grade=getattr(args, "min_grade", None),
-                dialect_map=getattr(args, "dialect_map", None), text_column=getattr(args, "text_column", None),
-                dialect_column=getattr(args, "dialect_column", None),
+    dialects = args.dialects
+    return dict(max_rows=args.max_rows, min_grade=args.min_grade, dialect_map=args.dialect_map,
+                text_column=args.text_column, dialect_column=args.dialect_column,
                 dialects=dialects if dialects in (None, "any") else [d.strip() for d in dialects.split(",") if d.strip()])
 
 

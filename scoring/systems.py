@@ -5,7 +5,9 @@ import os
 
 from lora.adapters import AdapterMismatchError, load_adapter
 from lora.compose import compose, parse_mix
+from lora.inject import remove_adapter, set_active_adapter
 from lora.layers import check_adapter_name
+from scoring.evaluation import evaluate_systems
 
 RESERVED = ("base", "routed")
 
@@ -106,9 +108,6 @@ def fit_mix(model, terms: list[str], dataset, collator, tokenizer, *, language: 
     (a handful of labelled clips of the new dialect): gradient-free pattern search from the best of the single
     adapters and the uniform mix, moving `step` of weight from one adapter to another, halving the step when no
     move helps. Returns (weights, [(weights, cer)] of every candidate scored)."""
-    from scoring.evaluation import evaluate_systems
-    from lora.inject import remove_adapter, set_active_adapter
-
     tried = {}
 
     def cer(weights):
