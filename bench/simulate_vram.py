@@ -92,27 +92,29 @@ def optimizer_step(model, optimizer, scaler, batches, autocast, tracker: LiveByt
 
 
 def simulate(dims: ModelDimensions, mode: str = "full", batch: int = 4, accum: int = 4, n_tokens: int = 448,
-             steps: int = 2, lora_r: int = 32, n_frames: int = 3000, granularity: int = 512) -> dict:
-    """Peak live bytes of `steps` optimizer steps under fp16 autocast with GradScaler, on fake tensors."""
+             steps: int = 2, lora_r: int = 32, n_frames: int = 3000, granularity: int = 512,
+             amp: torch.dtype | None = torch.float16) -> dict:
+    """Peak live bytes of `steps` optimizer steps on fake tensors, under `amp` autocast (GradScaler with fp16)."""
     model = random_model(dims, mode, lora_r)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     model = to_fake(model, fake_mode, "cpu")
     tracker = LiveBytes(granularity=granularity)
     tracker.track(model.parameters(), "parameters")
     tracker.track(model.buffers(), "parameters")
+    start = tracker.current
     tracker.label_gradients(model.parameters())
     with fake_mode, ScalarReads(), tracker:
         optimizer = build_optimizer(model, 1e-5, 0.01, "cpu")  # fused AdamW, as on CUDA
-        scaler = torch.amp.GradScaler("cpu")  # CUDA's in the real run: a few scalars either way
+        scaler = torch.amp.GradScaler("cpu", enabled=amp is torch.float16)  # CUDA's in the real run: a few scalars
         for _ in range(steps):
             batches = make_batches(accum, batch, n_tokens, dims, "cpu", n_frames)
-            optimizer_step(model, optimizer, scaler, batches, torch.autocast("cpu", dtype=torch.float16), tracker,
-                           "cpu")
+            autocast = torch.autocast("cpu", dtype=amp, enabled=amp is not None)
+            optimizer_step(model, optimizer, scaler, batches, autocast, tracker, "cpu")
             del batches
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"peak": tracker.peak, "breakdown": tracker.peak_breakdown, "params": n_params,
-            "trainable": n_trainable, "end": tracker.current}
+            "trainable": n_trainable, "start": start, "end": tracker.current}
 
 
 def forward_bytes(dims: ModelDimensions, device: str, batch: int = 2, n_tokens: int = 64, n_frames: int = 3000) -> dict:
@@ -133,23 +135,26 @@ def forward_bytes(dims: ModelDimensions, device: str, batch: int = 2, n_tokens: 
 
 
 def profiled_cpu_step(dims: ModelDimensions, batch: int = 2, accum: int = 2, n_tokens: int = 32,
-                      n_frames: int = 3000, steps: int = 2) -> dict:
-    """A real CPU step (fp32) tracked by LiveBytes inside torch.profiler: both peaks, above the step's start."""
+                      n_frames: int = 3000, steps: int = 2, amp: torch.dtype | None = None) -> dict:
+    """Real CPU steps (fp32, or `amp` autocast) tracked by LiveBytes inside torch.profiler: both peaks, above
+    the start."""
     model = random_model(dims, "full")
     tracker = LiveBytes()
     tracker.track(model.parameters(), "parameters")
     tracker.track(model.buffers(), "parameters")
     start = tracker.current
+    tracker.label_gradients(model.parameters())
     optimizer = build_optimizer(model, 1e-5, 0.01, "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    with torch.profiler.profile(activities=activities, profile_memory=True, acc_events=True) as prof:
         with tracker:
             for _ in range(steps):
                 batches = make_batches(accum, batch, n_tokens, dims, "cpu", n_frames)
-                optimizer_step(model, optimizer, scaler, batches, torch.autocast("cpu", enabled=False), tracker, "cpu")
+                autocast = torch.autocast("cpu", dtype=amp, enabled=amp is not None)
+                optimizer_step(model, optimizer, scaler, batches, autocast, tracker, "cpu")
                 del batches
-    return {"tracker": tracker.peak - start, "profiler": allocator_peak(prof)}
+    return {"tracker": tracker.peak - start, "profiler": allocator_peak(prof), "breakdown": tracker.peak_breakdown}
 
 
 def allocator_peak(prof) -> int:
@@ -163,7 +168,7 @@ def allocator_peak(prof) -> int:
 
 
 CATEGORIES = ("parameters", "gradients", "optimizer state", "autocast weight copies", "activations", "backward",
-              "optimizer step", "other")
+              "optimizer step")
 
 
 def table(rows, budget: float, context_mb: float) -> str:
@@ -221,10 +226,12 @@ def main(argv=None):
             print(f"tiny forward, batch 2, 64 tokens, math attention, fake {device}: "
                   + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in r.items()))
     if args.validate:
-        r = profiled_cpu_step(whisper_dims("tiny"))
-        print(f"real CPU step (tiny dims, fp32, 2 x 2 clips, 32 tokens, 2 steps), peak above start: tracker "
-              f"{r['tracker'] / 2**20:.1f} MiB, torch.profiler allocator {r['profiler'] / 2**20:.1f} MiB "
-              f"(tracker/profiler {r['tracker'] / r['profiler']:.3f})")
+        for amp in (None, torch.bfloat16):
+            r = profiled_cpu_step(whisper_dims("tiny"), amp=amp)
+            print(f"real CPU steps (tiny dims, {'bf16 autocast' if amp else 'fp32'}, 2 x 2 clips of 30 s, 32 tokens, "
+                  f"2 steps), peak above start: tracker {r['tracker'] / 2**20:.1f} MiB, torch.profiler allocator "
+                  f"{r['profiler'] / 2**20:.1f} MiB (tracker/profiler {r['tracker'] / r['profiler']:.4f}); autocast "
+                  f"weight copies at the peak {r['breakdown'].get('autocast weight copies', 0) / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ and the caching allocator's fragmentation. `granularity` rounds each storage up 
 does (512 bytes).
 
 Categories at allocation: a parameter's fp16/bf16 copy made by autocast ("autocast weight copies"), anything
-made in backward ("backward": gradients in flight and temporaries), under grad mode ("activations"), else the
-current `phase` label. `recategorize` moves tensors that turn out to be more (gradients after backward, the
-optimizer's state after a step).
+made in backward ("backward": gradients in flight and temporaries), else the current phase: "activations"
+(inputs, forward outputs, what autograd saves) unless a `labelled` block says otherwise (the optimizer step).
+`recategorize` and `label_gradients` move tensors that turn out to be more (gradients, optimizer state).
 """
 import weakref
 from contextlib import contextmanager
@@ -38,7 +38,7 @@ class LiveBytes(TorchDispatchMode):
         self.by_category = {}
         self.current = self.peak = 0
         self.peak_breakdown = {}
-        self.phase = "other"
+        self.phase = "activations"
         self._params = set()  # ids of parameter storages: their autocast copies get their own category
 
     def _bytes(self, storage) -> int:
@@ -103,7 +103,7 @@ class LiveBytes(TorchDispatchMode):
                 and out.dtype in _LOW_PRECISION:
             category = "autocast weight copies"
         else:
-            category = "activations" if torch.is_grad_enabled() else self.phase
+            category = self.phase
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._add(t, category)
