@@ -28,6 +28,7 @@ import time
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from whisper.model import ModelDimensions, Whisper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,15 +118,16 @@ def simulate(dims: ModelDimensions, mode: str = "full", batch: int = 4, accum: i
             "trainable": n_trainable, "start": start, "end": tracker.current}
 
 
-def forward_bytes(dims: ModelDimensions, device: str, batch: int = 2, n_tokens: int = 64, n_frames: int = 3000) -> dict:
-    """End-of-forward live bytes by category for one fp16-autocast forward on fake `device` (math attention)."""
+def forward_bytes(dims: ModelDimensions, device: str, batch: int = 2, n_tokens: int = 64, n_frames: int = 3000,
+                  attention: SDPBackend = SDPBackend.MATH) -> dict:
+    """End-of-forward live bytes by category for one fp16-autocast forward on fake `device` (math attention:
+    the only kernel fake CUDA can choose without a GPU)."""
     model = random_model(dims, "full")
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     model = to_fake(model, fake_mode, device)
     tracker = LiveBytes()
     tracker.track(model.parameters(), "parameters")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with fake_mode, tracker, sdpa_kernel(SDPBackend.MATH):
+    with fake_mode, tracker, sdpa_kernel(attention):
         (b,) = make_batches(1, batch, n_tokens, dims, device, n_frames)
         with autocast_without_gpu(device, torch.float16):
             logits = model(b.mel, b.decoder_input)
@@ -221,9 +223,9 @@ def main(argv=None):
                 rows.append((label, r))
     print(table(rows, args.budget, args.context_mb))
     if args.check_device:
-        for device in ("cuda", "cpu"):
-            r = forward_bytes(whisper_dims("tiny"), device)
-            print(f"tiny forward, batch 2, 64 tokens, math attention, fake {device}: "
+        for device, attention in (("cuda", SDPBackend.MATH), ("cpu", SDPBackend.MATH), ("cpu", SDPBackend.FLASH_ATTENTION)):
+            r = forward_bytes(whisper_dims("tiny"), device, attention=attention)
+            print(f"tiny forward, batch 2, 64 tokens, {attention.name} attention, fake {device}: "
                   + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in r.items()))
     if args.validate:
         for amp in (None, torch.bfloat16):
