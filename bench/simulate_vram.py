@@ -40,7 +40,7 @@ from training.vram import LiveBytes, ScalarReads, autocast_without_gpu  # noqa: 
 
 GIB = 2**30
 DIMS = {"tiny": (384, 6, 4), "base": (512, 8, 6)}  # n_state, n_head, n_layer (as bench_memory.py)
-PREFIX = 3  # <|startoftranscript|><|bo|><|transcribe|>: targets there are -100
+PREFIX = 3  # <|startoftranscript|><|bo|><|transcribe|>: no loss on predicting them (memory does not depend on it)
 
 
 def whisper_dims(name: str, n_vocab: int = 51865) -> ModelDimensions:
@@ -92,6 +92,27 @@ def optimizer_step(model, optimizer, scaler, batches, autocast, tracker: LiveByt
     optimizer.zero_grad(set_to_none=True)
 
 
+def run_steps(model, tracker: LiveBytes, dims: ModelDimensions, batch: int, accum: int, n_tokens: int, steps: int,
+              amp: torch.dtype | None, n_frames: int = 3000) -> None:
+    """`steps` optimizer steps of `accum` micro-batches under `amp` autocast (with a GradScaler for fp16)."""
+    optimizer = build_optimizer(model, 1e-5, 0.01, "cpu")  # fused AdamW, as on CUDA
+    scaler = torch.amp.GradScaler("cpu", enabled=amp is torch.float16)  # CUDA's in the real run: a few scalars
+    for _ in range(steps):
+        # all micro-batches on the device at once: <= 12 MiB more than the loop's one at a time at 4 x 4
+        batches = make_batches(accum, batch, n_tokens, dims, "cpu", n_frames)
+        autocast = torch.autocast("cpu", dtype=amp, enabled=amp is not None)
+        optimizer_step(model, optimizer, scaler, batches, autocast, tracker, "cpu")
+        del batches
+
+
+def tracked(model, granularity: int = 1) -> LiveBytes:
+    tracker = LiveBytes(granularity=granularity)
+    tracker.track(model.parameters(), "parameters")
+    tracker.track(model.buffers(), "parameters")
+    tracker.label_gradients(model.parameters())
+    return tracker
+
+
 def simulate(dims: ModelDimensions, mode: str = "full", batch: int = 4, accum: int = 4, n_tokens: int = 448,
              steps: int = 2, lora_r: int = 32, n_frames: int = 3000, granularity: int = 512,
              amp: torch.dtype | None = torch.float16) -> dict:
@@ -99,19 +120,10 @@ def simulate(dims: ModelDimensions, mode: str = "full", batch: int = 4, accum: i
     model = random_model(dims, mode, lora_r)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     model = to_fake(model, fake_mode, "cpu")
-    tracker = LiveBytes(granularity=granularity)
-    tracker.track(model.parameters(), "parameters")
-    tracker.track(model.buffers(), "parameters")
+    tracker = tracked(model, granularity)
     start = tracker.current
-    tracker.label_gradients(model.parameters())
     with fake_mode, ScalarReads(), tracker:
-        optimizer = build_optimizer(model, 1e-5, 0.01, "cpu")  # fused AdamW, as on CUDA
-        scaler = torch.amp.GradScaler("cpu", enabled=amp is torch.float16)  # CUDA's in the real run: a few scalars
-        for _ in range(steps):
-            batches = make_batches(accum, batch, n_tokens, dims, "cpu", n_frames)
-            autocast = torch.autocast("cpu", dtype=amp, enabled=amp is not None)
-            optimizer_step(model, optimizer, scaler, batches, autocast, tracker, "cpu")
-            del batches
+        run_steps(model, tracker, dims, batch, accum, n_tokens, steps, amp, n_frames)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"peak": tracker.peak, "breakdown": tracker.peak_breakdown, "params": n_params,
@@ -125,8 +137,7 @@ def forward_bytes(dims: ModelDimensions, device: str, batch: int = 2, n_tokens: 
     model = random_model(dims, "full")
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     model = to_fake(model, fake_mode, device)
-    tracker = LiveBytes()
-    tracker.track(model.parameters(), "parameters")
+    tracker = tracked(model)
     with fake_mode, tracker, sdpa_kernel(attention):
         (b,) = make_batches(1, batch, n_tokens, dims, device, n_frames)
         with autocast_without_gpu(device, torch.float16):
@@ -141,21 +152,11 @@ def profiled_cpu_step(dims: ModelDimensions, batch: int = 2, accum: int = 2, n_t
     """Real CPU steps (fp32, or `amp` autocast) tracked by LiveBytes inside torch.profiler: both peaks, above
     the start."""
     model = random_model(dims, "full")
-    tracker = LiveBytes()
-    tracker.track(model.parameters(), "parameters")
-    tracker.track(model.buffers(), "parameters")
+    tracker = tracked(model)
     start = tracker.current
-    tracker.label_gradients(model.parameters())
-    optimizer = build_optimizer(model, 1e-5, 0.01, "cpu")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True, acc_events=True) as prof:
-        with tracker:
-            for _ in range(steps):
-                batches = make_batches(accum, batch, n_tokens, dims, "cpu", n_frames)
-                autocast = torch.autocast("cpu", dtype=amp, enabled=amp is not None)
-                optimizer_step(model, optimizer, scaler, batches, autocast, tracker, "cpu")
-                del batches
+    with torch.profiler.profile(activities=activities, profile_memory=True, acc_events=True) as prof, tracker:
+        run_steps(model, tracker, dims, batch, accum, n_tokens, steps, amp, n_frames)
     return {"tracker": tracker.peak - start, "profiler": allocator_peak(prof), "breakdown": tracker.peak_breakdown}
 
 
