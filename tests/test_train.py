@@ -15,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import make_tiny_model
+from conftest import make_corpus, make_tiny_model
 from data.collate import Collator, SpeechDataset
 from data.sources import load_examples
 from lora.inject import add_lora, mark_only_lora_trainable
@@ -67,6 +67,44 @@ def test_tensorboard_has_the_listed_tags(setup, tmp_path):
     assert os.path.isdir(out / "tb" / "hparams")
     config = json.loads((out / "config.json").read_text())
     assert config["max_steps"] == 2 and config["mode"] == "lora"
+
+
+def test_tensorboard_shows_each_dialect_the_same_clips_at_every_evaluation_and_its_own_loss(setup, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_per_dialect=4, n_test=4)  # 4 test clips, 3 shown per dialect
+    out = tmp_path / "tb"
+    train.main(["--model", str(setup / "tiny.pt"), "--data", str(corpus), "--out", str(out), "--dialect", "all",
+                "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--eval-every", "1",
+                "--eval-batch-size", "4", "--audio-ctx", "auto"])
+    acc = EventAccumulator(os.path.join(out, "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    for dialect in ("amdo", "kham", "utsang"):
+        shown = {}
+        for system, steps in (("base", [0]), ("trained", [1, 2])):
+            events = acc.Tensors(f"eval_{system}/examples/{dialect}/text_summary")
+            assert [e.step for e in events] == steps
+            for e in events:
+                table = e.tensor_proto.string_val[0].decode()
+                shown[e.step] = re.findall(r"^\| (test-\S+) \|", table, flags=re.M)
+        assert shown[0] == shown[1] == shown[2] == [f"test-{dialect}-{i}" for i in range(3)]  # the first 3
+        assert f"eval_trained/{dialect}/cer" in acc.Tags()["scalars"]
+    pooled = {e.step: e.value for e in acc.Scalars("train/loss")}
+    per_dialect = {t.rsplit("/", 1)[1]: {e.step: e.value for e in acc.Scalars(t)}
+                   for t in acc.Tags()["scalars"] if t.startswith("train/loss/")}
+    assert per_dialect and set(per_dialect) <= {"amdo", "kham", "utsang"}
+    for step, loss in pooled.items():  # the pooled loss is a token-weighted mean of the dialects' losses
+        values = [v[step] for v in per_dialect.values() if step in v]
+        assert values and min(values) - 1e-4 <= loss <= max(values) + 1e-4
+    assert any(len({v[s] for v in per_dialect.values() if s in v}) > 1 for s in pooled)  # not one number copied
+
+
+def test_example_pairs_are_the_first_clips_of_each_dialect_in_table_cells():
+    from scoring.evaluation import example_pairs
+
+    records = [{"dialect": d, "id": f"{d}{i}", "ref": "a|b", "hyp": "x\ny"} for d in ("kham", "amdo") for i in range(5)]
+    tables = example_pairs(records, 2)
+    assert sorted(tables) == ["amdo", "kham"]
+    lines = tables["kham"].split("\n")
+    assert lines[2:] == ["| kham0 | a\\|b | x y |", "| kham1 | a\\|b | x y |"]  # a cell stays one cell
 
 
 def test_eval_every_keeps_the_best_evaluation(setup, tmp_path):
