@@ -53,7 +53,8 @@ from whisper_ft.text import tokenizer_for
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, with its default; tune.py and the tests read it too."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="JSON file of flag values (flags given here override it; an \"about\" key is a note)")
+    p.add_argument("--config",
+                   help="JSON file of flag values (flags given here override it; an \"about\" key is a note)")
     p.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     g = p.add_argument_group("model and data")
@@ -96,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for dry runs of a GPU recipe)")
     g.add_argument("--audio-ctx", default="full",
                    help="full (30 s windows, as the research), auto (crop to the batch), or a frame count")
-    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many bad steps in a row: non-finite losses, or fp16 overflows at the loss-scale "
-                        "floor (overflows while the scale still falls are scaler skips, not bad steps)")
+    g.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many bad steps in a row: non-finite losses, or fp16 overflows at the "
+                        "loss-scale floor (overflows while the scale still falls are scaler skips, not bad steps)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g = p.add_argument_group("LoRA")
@@ -282,8 +284,9 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
             break  # the last epoch ended
         batches = [b for _, _, b in group]
         loss, dialect_loss = accumulate(run.train_model, batches, autocast=run.autocast, scaler=run.scaler,
-                          spec_augment=run.spec_augment, seed=args.seed, step=state.step, device=run.device,
-                          regularizer=getattr(run.rank_hook, "regularizer", None), world=run.world)
+                                        spec_augment=run.spec_augment, seed=args.seed, step=state.step,
+                                        device=run.device, regularizer=getattr(run.rank_hook, "regularizer", None),
+                                        world=run.world)
         samples += sum(len(b) for b in batches)
         audio_s += sum(float(b.n_frames.sum()) for b in batches) / 100
 
@@ -309,8 +312,8 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
 
         if state.step % args.log_every == 0:
             dt = max(time.time() - t_last, 1e-9)
-            log_step(run, state, log, loss=loss, dialect_loss=dialect_loss, lr=lr, grad_norm=float(grad_norm), samples_per_s=samples / dt,
-                     audio_per_s=audio_s / dt)
+            log_step(run, state, log, loss=loss, dialect_loss=dialect_loss, lr=lr, grad_norm=float(grad_norm),
+                     samples_per_s=samples / dt, audio_per_s=audio_s / dt)
             t_last, samples, audio_s = time.time(), 0, 0.0
         if args.report_memory and state.step >= 3:
             print(f"peak memory after {state.step} steps: {peak_memory_mb(run.device):.0f} MB "
@@ -510,8 +513,8 @@ def skip_step(run: Run, state: TrainState, loss: float) -> None:
     scale = run.scaler.get_scale() if scaling else 1.0
     scaler_skip = scaling and math.isfinite(loss) and scale > SCALE_FLOOR
     state.skipped += 1
-    state.scaler_skips += scaler_skip
-    state.bad_in_row += not scaler_skip
+    state.scaler_skips += int(scaler_skip)
+    state.bad_in_row += int(not scaler_skip)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.update()  # with fp16 this halves the loss scale, which is the cure for an overflow
     if scaling and run.scaler.get_scale() < SCALE_FLOOR:

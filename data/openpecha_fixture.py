@@ -9,7 +9,8 @@ The audio is the corpus's (synthetic, for the demo): a dry run says the recipe w
 
     python -m data.openpecha_fixture --out /tmp/op
     python train.py --config configs/openpecha_tiny.json --data openpecha:/tmp/op --max-rows 30 \
-        --dialect-map STT_AM=amdo,KH=kham,NS=utsang --model offline:base --max-steps 2 --num-workers 0
+        --dialect-map STT_AM=amdo,KH=kham,NS=utsang --model offline:base --max-steps 2 --batch-size 2 \
+        --grad-accum 1 --num-workers 0 --eval-samples 2 --amp fp32 --audio-ctx auto
 """
 import argparse
 from itertools import zip_longest
