@@ -12,6 +12,7 @@ import train
 from conftest import make_corpus, make_tiny_model
 from data.openpecha_fixture import main as fixture_main
 from data.openpecha_fixture import write_openpecha_fixture
+from training.checkpoint import load_checkpoint
 from whisper_ft.models import export_openai
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +78,8 @@ def test_openpecha_config_dry_run_on_a_local_fixture(tiny, tmp_path, monkeypatch
     config = json.loads((out / "config.json").read_text())
     assert (config["samples"], config["fixed_subset"], config["epochs"], config["amp"]) == (15000, True, 3, "fp16")
     assert "about" not in config
+    sampler = load_checkpoint(out / "checkpoints" / "ckpt-00000002.pt")["sampler"]["config"]
+    assert sampler["fixed_subset"] is True and sampler["num_samples"] == 15000  # --fixed-subset reaches the sampler
     for system in ("base", "trained"):
         assert sorted(k for k in results[system] if not k.startswith("_")) == ["amdo", "kham", "utsang"]
     table = (out / "results.md").read_text()
