@@ -208,6 +208,7 @@ def load_data(plan: dict, args) -> tuple[list, dict]:
     for (name, spec), language in zip(plan["sources"], plan["languages"]):
         examples, report = load_examples(spec, args.split, language=language, **data_options(args))
         print(report.summary())
+        hint = report.dialect_hint()
         present = sorted({e.dialect for e in examples})
         if dialects:
             examples = [e for e in examples if e.dialect in dialects]
@@ -215,7 +216,9 @@ def load_data(plan: dict, args) -> tuple[list, dict]:
         if not examples:
             raise SystemExit(f"error: --data {spec}: no usable {args.split} examples"
                              + (f" of dialects {sorted(dialects)} (it has {present})" if dialects and present else "")
-                             + " (check --dialect / --split, and the skipped rows above)")
+                             + (f"; {hint}" if hint else " (check --dialect / --split, and the skipped rows above)"))
+        if hint:
+            print(f"note: {hint}")
         data.append((name, language, examples))
         skipped[name] = {"rows": dict(report.skipped), "examples": report.named, "at_load": {}}
     return data, skipped

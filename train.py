@@ -53,7 +53,8 @@ from whisper_ft.text import tokenizer_for
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, with its default; tune.py and the tests read it too."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="JSON file of flag values (flags given here override it)")
+    p.add_argument("--config",
+                   help="JSON file of flag values (flags given here override it; an \"about\" key is a note)")
     p.add_argument("--out", help="run directory (default: runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     g = p.add_argument_group("model and data")
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override how dialects are mixed (default follows --dialect)")
     g.add_argument("--temperature", type=float, default=1.0, help="for --sampling temperature: p ~ n^(1/T)")
     g.add_argument("--samples", type=int, default=None, help="training samples per epoch (default: all rows)")
+    g.add_argument("--fixed-subset", action="store_true",
+                   help="with --samples below the rows there are: the same samples every epoch (a training set of "
+                        "that size), instead of a fresh draw each epoch")
     g.add_argument("--strict", action="store_true", help="any bad data row is an error before training")
     add_data_args(g)
     g.add_argument("--num-workers", type=int, default=0)
@@ -89,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(bitsandbytes' kernel on CUDA when installed); adapters stay fp32 and load on the fp32 base")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
-                   help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU")
+                   help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU (fp16 runs on a CPU too, slowly: "
+                        "for dry runs of a GPU recipe)")
     g.add_argument("--audio-ctx", default="full",
                    help="full (30 s windows, as the research), auto (crop to the batch), or a frame count")
-    g.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    g.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many bad steps in a row: non-finite losses, or fp16 overflows at the "
+                        "loss-scale floor (overflows while the scale still falls are scaler skips, not bad steps)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g = p.add_argument_group("LoRA")
@@ -138,6 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 values = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             p.error(f"--config {known.config}: {e}")
+        values.pop("about", None)  # a config file may say what it is for
         unknown = set(values) - {a.dest for a in p._actions}
         if unknown:
             p.error(f"--config {known.config}: unknown keys {sorted(unknown)}")
@@ -275,9 +283,10 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
         if not group:
             break  # the last epoch ended
         batches = [b for _, _, b in group]
-        loss = accumulate(run.train_model, batches, autocast=run.autocast, scaler=run.scaler,
-                          spec_augment=run.spec_augment, seed=args.seed, step=state.step, device=run.device,
-                          regularizer=getattr(run.rank_hook, "regularizer", None), world=run.world)
+        loss, dialect_loss = accumulate(run.train_model, batches, autocast=run.autocast, scaler=run.scaler,
+                                        spec_augment=run.spec_augment, seed=args.seed, step=state.step,
+                                        device=run.device, regularizer=getattr(run.rank_hook, "regularizer", None),
+                                        world=run.world)
         samples += sum(len(b) for b in batches)
         audio_s += sum(float(b.n_frames.sum()) for b in batches) / 100
 
@@ -303,8 +312,8 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
 
         if state.step % args.log_every == 0:
             dt = max(time.time() - t_last, 1e-9)
-            log_step(run, state, log, loss=loss, lr=lr, grad_norm=float(grad_norm), samples_per_s=samples / dt,
-                     audio_per_s=audio_s / dt)
+            log_step(run, state, log, loss=loss, dialect_loss=dialect_loss, lr=lr, grad_norm=float(grad_norm),
+                     samples_per_s=samples / dt, audio_per_s=audio_s / dt)
             t_last, samples, audio_s = time.time(), 0, 0.0
         if args.report_memory and state.step >= 3:
             print(f"peak memory after {state.step} steps: {peak_memory_mb(run.device):.0f} MB "
@@ -329,8 +338,9 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
 
 
 def accumulate(model, batches, *, autocast, scaler, spec_augment=None, seed=0, step=0, device="cpu",
-               regularizer=None, world=1) -> float:
-    """Forward and backward over one optimizer step's micro-batches; returns the step's loss.
+               regularizer=None, world=1) -> tuple[float, dict]:
+    """Forward and backward over one optimizer step's micro-batches; returns the step's loss, and the
+    cross-entropy of each dialect's clips ({dialect: mean over its target tokens}, this process's clips only).
 
     The loss is the mean over every target token of the step, not a mean of per-micro-batch means:
     micro-batches hold different numbers of tokens, and only this makes 4x2 equal to a batch of 8.
@@ -338,7 +348,7 @@ def accumulate(model, batches, *, autocast, scaler, spec_augment=None, seed=0, s
     averages gradients: 2 processes of batch B then equal one process of batch 2B.
     """
     n_tokens = max(1, all_sum(sum(int((b.targets != -100).sum()) for b in batches), world))
-    total = 0.0
+    total, by_dialect = 0.0, {}  # dialect -> (summed token loss, tokens)
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         mel = batch.mel
@@ -351,13 +361,18 @@ def accumulate(model, batches, *, autocast, scaler, spec_augment=None, seed=0, s
             with autocast:
                 logits = model(mel, batch.decoder_input)
             # flattened to [tokens, vocab]: the [B, vocab, T] layout takes a strided path 5-10x slower
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=-100,
-                                   reduction="sum") / n_tokens
+            token_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=-100,
+                                         reduction="none")  # 0 where ignored; kept per token for the per-dialect sums
+            loss = token_loss.sum() / n_tokens
             if regularizer is not None:
                 loss = loss + regularizer() / len(batches)
             scaler.scale(loss * world).backward()
         total += loss.item()
-    return all_sum(total, world)
+        clip_sums = token_loss.detach().view(len(batch), -1).sum(1).tolist()
+        for dialect, summed, n in zip(batch.dialects, clip_sums, (batch.targets != -100).sum(1).tolist()):
+            prev = by_dialect.get(dialect, (0.0, 0))
+            by_dialect[dialect] = (prev[0] + summed, prev[1] + n)
+    return all_sum(total, world), {d: summed / max(n, 1) for d, (summed, n) in sorted(by_dialect.items())}
 
 
 def micro_batches(loader, sampler, dataset, epoch, consumed, batch_size, epochs):
@@ -384,10 +399,15 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
     """The training examples in the sampler's order (this rank's share), and the test set."""
     train_examples, report = load_split(args.data, "train", language=language, strict=args.strict, **data_options(args))
     print(report.summary())
+    hint = report.dialect_hint()
+    if not train_examples:
+        raise SystemExit(f"error: --data {args.data}: no usable training rows; {hint or 'see the skipped rows above'}")
+    if hint:
+        print(f"note: {hint}")
     include, mode = select_dialects(args.dialect, args.sampling, sorted({e.dialect for e in train_examples}))
     sampler = DialectSampler([e.dialect for e in train_examples], mode=mode, include=include,
                              num_samples=args.samples, temperature=args.temperature, seed=args.seed,
-                             rank=rank, world_size=world)
+                             rank=rank, world_size=world, fixed_subset=args.fixed_subset)
     wave_augment = augment_from_args(args)
     n_mels = model.dims.n_mels
     audio_ctx = args.audio_ctx if args.audio_ctx in ("full", "auto") else int(args.audio_ctx)
@@ -477,31 +497,53 @@ def catch_stop_signals(state: TrainState) -> None:
             signal.signal(sig, lambda s, f: setattr(state, "stop", signal.Signals(s).name))
 
 
-def skip_step(run: Run, state: TrainState, loss: float) -> None:
-    """A non-finite loss or gradient: no update; after --max-bad-steps in a row, checkpoint and stop.
+SCALE_FLOOR = 1.0  # fp16 loss scale the scaler never backs off below: the gradient is then not scaled up at all
 
-    Under fp16 loss scaling, an overflowing gradient with a finite loss is the scaler's normal business (its
-    first steps overflow by design while the scale falls): skipped and counted, but not as a bad step, as long
-    as the scale is still >= 1 (below that even the unscaled gradient overflows)."""
-    overflow = run.scaler.is_enabled() and math.isfinite(loss) and run.scaler.get_scale() >= 1.0
+
+def skip_step(run: Run, state: TrainState, loss: float) -> None:
+    """A non-finite loss or gradient: no update, counted as one of two kinds of skip.
+
+    A scaler skip: under fp16 loss scaling, a finite loss whose gradient overflowed while the scale is above
+    SCALE_FLOOR. GradScaler starts high on purpose and halves the scale at each overflow until gradients fit in
+    fp16, so these are its normal business (most in a run's first steps): counted, but not bad steps.
+    A bad step: a non-finite loss (scaling cannot cause one), or an overflow at the floor, where a smaller scale
+    would not help (GradScaler has no floor of its own and would shrink the gradient towards zero). After
+    --max-bad-steps bad steps in a row (scaler skips neither end nor extend such a run), checkpoint and stop."""
+    scaling = run.scaler.is_enabled()
+    scale = run.scaler.get_scale() if scaling else 1.0
+    scaler_skip = scaling and math.isfinite(loss) and scale > SCALE_FLOOR
     state.skipped += 1
-    state.bad_in_row = 0 if overflow else state.bad_in_row + 1
-    print(f"step {state.step}: " + (f"fp16 gradient overflow at loss scale {run.scaler.get_scale():g}, step skipped"
-                                    if overflow else f"non-finite loss/gradient ({loss}), step skipped "
-                                    f"({state.bad_in_row} in a row, {state.skipped} in total)"))
-    run.tb.add_scalar("train/skipped_steps", state.skipped, state.step)
+    state.scaler_skips += int(scaler_skip)
+    state.bad_in_row += int(not scaler_skip)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.update()  # with fp16 this lowers the loss scale, which is often the cure
+    run.scaler.update()  # with fp16 this halves the loss scale, which is the cure for an overflow
+    if scaling and run.scaler.get_scale() < SCALE_FLOOR:
+        run.scaler.update(SCALE_FLOOR)
+    bad = state.skipped - state.scaler_skips
+    if scaler_skip:
+        print(f"step {state.step}: fp16 gradient overflow at loss scale {scale}: scaler skip, scale now "
+              f"{run.scaler.get_scale()} ({state.scaler_skips} scaler skips, {bad} bad steps)")
+    else:
+        why = (f"non-finite loss ({loss})" if not math.isfinite(loss) else
+               f"fp16 gradient overflow at the loss-scale floor {SCALE_FLOOR:g}" if scaling else "non-finite gradient")
+        print(f"step {state.step}: {why}, step skipped: bad step {state.bad_in_row} in a row ({bad} in total)")
+    for tag, value in (("skipped_steps", state.skipped), ("scaler_skips", state.scaler_skips), ("bad_steps", bad)):
+        run.tb.add_scalar(f"train/{tag}", value, state.step)
     if state.bad_in_row >= run.args.max_bad_steps:
         save(run, state)
         run.tb.close()
-        raise SystemExit(f"error: {state.bad_in_row} non-finite steps in a row at step {state.step}: lower --lr, use "
-                         f"--amp fp32 or --clip 1.0; the last good state is checkpointed in {run.run_dir}")
+        raise SystemExit(f"error: {state.bad_in_row} bad steps in a row at step {state.step} (non-finite loss, or "
+                         f"fp16 overflow at the loss-scale floor): lower --lr, use --amp fp32 or --clip 1.0; the last "
+                         f"good state is checkpointed in {run.run_dir}")
 
 
-def log_step(run: Run, state: TrainState, log: ProgressLog, *, loss, lr, grad_norm, samples_per_s, audio_per_s):
+def log_step(run: Run, state: TrainState, log: ProgressLog, *, loss, dialect_loss, lr, grad_norm, samples_per_s,
+             audio_per_s):
+    """TensorBoard scalars of the step just taken (the loss pooled and per dialect present in it), the progress line."""
     step, tb = state.step, run.tb
     tb.add_scalar("train/loss", loss, step)
+    for dialect, value in dialect_loss.items():
+        tb.add_scalar(f"train/loss/{dialect}", value, step)
     tb.add_scalar("train/lr", lr, step)
     tb.add_scalar("train/grad_norm", grad_norm, step)
     tb.add_scalar("train/loss_scale", run.scaler.get_scale() if run.scaler.is_enabled() else 1.0, step)
@@ -582,6 +624,7 @@ def finish(run: Run, state: TrainState, on_eval=None) -> dict:
     device = run.device
     write_results(run.run_dir, results, meta={
         "config": run.config, "trainable_params": run.n_params[0], "total_params": run.n_params[1], "steps": state.step, "skipped_steps": state.skipped,
+        "scaler_skips": state.scaler_skips, "bad_steps": state.skipped - state.scaler_skips,
         "train_s": round(state.train_s, 1), "best": state.history.get("best"),
         "peak_memory_mb": round(peak_memory_mb(device)), "model_mb": round(storage_bytes(run.model) / 2**20, 1),
         "peak_memory_kind": "CUDA allocated" if device.startswith("cuda") else "process RSS"})

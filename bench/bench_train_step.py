@@ -113,7 +113,7 @@ def setup_ours(cfg, device):
     model.train()
 
     def step():  # train.py's loop body for one optimizer step of one micro-batch
-        loss = accumulate(model, [batch], autocast=autocast, scaler=scaler, device=device)
+        loss, _ = accumulate(model, [batch], autocast=autocast, scaler=scaler, device=device)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         scaler.step(optimizer)

@@ -44,6 +44,8 @@ class ValidationReport:
     skipped: Counter = field(default_factory=Counter)  # reason -> rows
     named: dict = field(default_factory=dict)  # reason -> first few "id (detail)"
     notes: Counter = field(default_factory=Counter)  # not errors: resampled, downmixed, filtered_grade, ...
+    labels: Counter = field(default_factory=Counter)  # every row's dialect label, kept or not
+    accepted: list | None = None  # the labels accepted (None: any)
 
     def bad(self, reason: str, name: str, detail: str = "") -> None:
         self.skipped[reason] += 1
@@ -68,6 +70,15 @@ class ValidationReport:
             head += ". Notes: " + ", ".join(f"{n} {k}" for k, n in sorted(self.notes.items()))
         return head + "."
 
+    def dialect_hint(self) -> str:
+        """What to pass when rows were skipped for their dialect label ('' when none was): the --dialects value
+        that accepts every label the data has."""
+        seen = sorted(label for label in self.labels if label)
+        if not self.skipped.get("unknown_dialect") or not seen:
+            return ""
+        return (f"rows with dialect labels outside {self.accepted} were skipped: to use the data's own labels pass "
+                f"--dialects {','.join(seen)} (or --dialects any), or rename them with --dialect-map RAW=LABEL")
+
     def raise_if_bad(self) -> None:
         if self.n_bad:
             raise DataError(f"strict: {self.summary()} Fix or remove these rows, or run without strict "
@@ -85,12 +96,14 @@ def validate_examples(examples, report: ValidationReport, *, audio_check: str = 
         raise ValueError(f"audio_check {audio_check!r}: expected 'header' or 'full'")
     tok = whisper.tokenizer.get_tokenizer(multilingual=True)  # token counts do not depend on the language
     allowed = None if allowed_dialects is None else set(allowed_dialects)
+    report.accepted = None if allowed is None else sorted(allowed)
     for ex, reason, detail in known_bad:
         report.total += 1
         report.bad(reason, ex.id, detail)
     good = []
     for ex in examples:
         report.total += 1
+        report.labels[ex.dialect] += 1
         reason, detail = _check(ex, tok, allowed, audio_check, report)
         if reason is None:
             good.append(ex)

@@ -43,7 +43,8 @@ def token_limit(dataset, tokenizer) -> int:
 @torch.no_grad()
 def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, language: str, batch_size: int = 16,
                      beam_size: int = 1, max_tokens: int | None = None, device="cpu", n_examples: int = 3):
-    """Return ({system: {dialect: metrics, "_macro": ..., "_micro": ...}}, per-utterance records).
+    """Return ({system: {dialect: metrics, "_macro": ..., "_micro": ..., "_examples": example_pairs(...)}},
+    per-utterance records); n_examples: clips per dialect in "_examples".
 
     Puts `model` in eval mode (no dropout while decoding); a caller that trains afterwards calls .train()."""
     model.eval()
@@ -65,8 +66,26 @@ def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, lang
         for r, u in zip(rows, scored["utterances"]):
             r.update({k: v for k, v in u.items() if k not in r})
         results[system] = summarize(rows)
-        results[system]["_examples"] = "\n\n".join(f"ref: {r['ref']}  \nhyp: {r['hyp']}" for r in rows[:n_examples])
+        results[system]["_examples"] = example_pairs(rows, n_examples)
     return results, records
+
+
+def example_pairs(records, n: int) -> dict:
+    """{dialect: markdown table of clip id, reference and hypothesis} for the first n clips of each dialect.
+
+    First in the test set's order, which a run never changes: every evaluation shows the same utterances, so
+    a reader of TensorBoard sees how their transcripts change as the model trains."""
+    tables = {}
+    for r in records:
+        lines = tables.setdefault(r["dialect"], ["| clip | reference | hypothesis |", "|---|---|---|"])
+        if len(lines) < n + 2:
+            lines.append(f"| {_cell(r['id'])} | {_cell(r['ref'])} | {_cell(r['hyp'])} |")
+    return {dialect: "\n".join(lines) for dialect, lines in tables.items()}
+
+
+def _cell(text) -> str:
+    """Text as one markdown table cell (a looping hypothesis may hold anything)."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def summarize(records, by: str = "dialect") -> dict:

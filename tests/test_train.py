@@ -1,6 +1,8 @@
 """train.py on tiny dims: it learns, accumulation is exact, resume after SIGKILL is bitwise, failures are safe."""
 import copy
+import functools
 import json
+import math
 import os
 import re
 import signal
@@ -13,7 +15,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import make_tiny_model
+from conftest import make_corpus, make_tiny_model
 from data.collate import Collator, SpeechDataset
 from data.sources import load_examples
 from lora.inject import add_lora, mark_only_lora_trainable
@@ -65,6 +67,44 @@ def test_tensorboard_has_the_listed_tags(setup, tmp_path):
     assert os.path.isdir(out / "tb" / "hparams")
     config = json.loads((out / "config.json").read_text())
     assert config["max_steps"] == 2 and config["mode"] == "lora"
+
+
+def test_tensorboard_shows_each_dialect_the_same_clips_at_every_evaluation_and_its_own_loss(setup, tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_per_dialect=4, n_test=4)  # 4 test clips, 3 shown per dialect
+    out = tmp_path / "tb"
+    train.main(["--model", str(setup / "tiny.pt"), "--data", str(corpus), "--out", str(out), "--dialect", "all",
+                "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--eval-every", "1",
+                "--eval-batch-size", "4", "--audio-ctx", "auto"])
+    acc = EventAccumulator(os.path.join(out, "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    for dialect in ("amdo", "kham", "utsang"):
+        shown = {}
+        for system, steps in (("base", [0]), ("trained", [1, 2])):
+            events = acc.Tensors(f"eval_{system}/examples/{dialect}/text_summary")
+            assert [e.step for e in events] == steps
+            for e in events:
+                table = e.tensor_proto.string_val[0].decode()
+                shown[e.step] = re.findall(r"^\| (test-\S+) \|", table, flags=re.M)
+        assert shown[0] == shown[1] == shown[2] == [f"test-{dialect}-{i}" for i in range(3)]  # the first 3
+        assert f"eval_trained/{dialect}/cer" in acc.Tags()["scalars"]
+    pooled = {e.step: e.value for e in acc.Scalars("train/loss")}
+    per_dialect = {t.rsplit("/", 1)[1]: {e.step: e.value for e in acc.Scalars(t)}
+                   for t in acc.Tags()["scalars"] if t.startswith("train/loss/")}
+    assert per_dialect and set(per_dialect) <= {"amdo", "kham", "utsang"}
+    for step, loss in pooled.items():  # the pooled loss is a token-weighted mean of the dialects' losses
+        values = [v[step] for v in per_dialect.values() if step in v]
+        assert values and min(values) - 1e-4 <= loss <= max(values) + 1e-4
+    assert any(len({v[s] for v in per_dialect.values() if s in v}) > 1 for s in pooled)  # not one number copied
+
+
+def test_example_pairs_are_the_first_clips_of_each_dialect_in_table_cells():
+    from scoring.evaluation import example_pairs
+
+    records = [{"dialect": d, "id": f"{d}{i}", "ref": "a|b", "hyp": "x\ny"} for d in ("kham", "amdo") for i in range(5)]
+    tables = example_pairs(records, 2)
+    assert sorted(tables) == ["amdo", "kham"]
+    lines = tables["kham"].split("\n")
+    assert lines[2:] == ["| kham0 | a\\|b | x y |", "| kham1 | a\\|b | x y |"]  # a cell stays one cell
 
 
 def test_eval_every_keeps_the_best_evaluation(setup, tmp_path):
@@ -196,19 +236,19 @@ def test_non_finite_loss_is_skipped_then_stops(setup, tmp_path, monkeypatch):
 
     def nan_once(*a, **kw):
         calls["n"] += 1
-        return float("nan") if calls["n"] == 2 else real(*a, **kw)
+        return (float("nan"), {}) if calls["n"] == 2 else real(*a, **kw)
 
     monkeypatch.setattr(train, "accumulate", nan_once)
     out = tmp_path / "once"
     train.main(_args(setup, out, "--max-steps", 3, "--batch-size", 2, "--grad-accum", 1, "--no-base-eval"))
     meta = json.loads((out / "results.json").read_text())["_meta"]
-    assert meta["skipped_steps"] == 1 and meta["steps"] == 3
+    assert meta["skipped_steps"] == 1 and meta["bad_steps"] == 1 and meta["scaler_skips"] == 0 and meta["steps"] == 3
 
-    monkeypatch.setattr(train, "accumulate", lambda *a, **kw: float("nan"))
+    monkeypatch.setattr(train, "accumulate", lambda *a, **kw: (float("nan"), {}))
     out = tmp_path / "always"
     with pytest.raises(SystemExit) as e:
         train.main(_args(setup, out, "--max-steps", 10, "--batch-size", 2, "--max-bad-steps", 3, "--no-base-eval"))
-    assert "3 non-finite steps in a row" in str(e.value)
+    assert "3 bad steps in a row" in str(e.value)
     assert ckpt.latest_checkpoint(out) is not None  # the last good state is kept
 
 
@@ -322,8 +362,8 @@ class _Scaler:
     def get_scale(self):
         return self.scale
 
-    def update(self):
-        self.scale /= 2
+    def update(self, new_scale=None):
+        self.scale = self.scale / 2 if new_scale is None else new_scale
 
 
 def _run_for_skips(tmp_path, scale):
@@ -340,14 +380,18 @@ def test_fp16_overflows_while_the_scale_falls_do_not_abort_a_healthy_run(tmp_pat
     run, state = _run_for_skips(tmp_path, 65536.0), TrainState()
     for _ in range(10):  # ten overflows in a row with a finite loss: the scaler's own business
         train.skip_step(run, state, 2.5)
-    assert state.skipped == 10 and state.bad_in_row == 0 and run.scaler.scale == 64.0
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+    assert state.skipped == state.scaler_skips == 10 and state.bad_in_row == 0 and run.scaler.scale == 64.0
+    with pytest.raises(SystemExit, match="3 bad steps in a row"):
         for _ in range(3):  # a non-finite loss is bad at any scale
             train.skip_step(run, state, float("nan"))
-    run, state = _run_for_skips(tmp_path, 0.5), TrainState()
-    with pytest.raises(SystemExit, match="non-finite steps in a row"):  # overflowing even below scale 1
+    assert state.scaler_skips == 10 and state.skipped == 13
+    run, state = _run_for_skips(tmp_path, 2.0), TrainState()
+    train.skip_step(run, state, 2.5)  # 2 -> 1: the scale still fell
+    assert (state.scaler_skips, state.bad_in_row, run.scaler.scale) == (1, 0, train.SCALE_FLOOR)
+    with pytest.raises(SystemExit, match="3 bad steps in a row"):  # overflows that persist at the floor
         for _ in range(3):
             train.skip_step(run, state, 2.5)
+            assert run.scaler.scale == train.SCALE_FLOOR  # held there, not halved towards zero
 
 
 def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path):
@@ -372,3 +416,75 @@ def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path):
     args = train.parse_args(["--resume", str(run), "--batch-size", "16"])
     run_dir, config = open_run_dir(args, [], world=1, is_main=True)
     assert config["batch_size"] == 16 and "resumed_global_batch" not in config
+
+
+# ---- fp16 on the CPU with a real GradScaler -----------------------------------------------------------
+
+def _fp16_run(setup, out, monkeypatch, *extra, init_scale=None, hook=None):
+    """train.main with --amp fp16 on the CPU: torch.autocast(float16) and a real torch.amp.GradScaler("cpu"),
+    optionally starting at `init_scale` and with `hook` registered as a forward hook on the decoder."""
+    if init_scale is not None:
+        monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=init_scale))
+    if hook is not None:
+        load_base = train.load_base
+
+        def with_hook(*a, **kw):
+            model, fp = load_base(*a, **kw)
+            model.decoder.register_forward_hook(hook)
+            return model, fp
+
+        monkeypatch.setattr(train, "load_base", with_hook)
+    return train.main(_args(setup, out, "--amp", "fp16", "--device", "cpu", "--batch-size", 2, "--grad-accum", 1,
+                            "--audio-ctx", "auto", "--no-base-eval", "--eval-samples", 1, *extra))
+
+
+def _scaler_skips(printed):
+    """[(step, loss scale)] of the scaler skips train.py printed."""
+    return [(int(step), float(scale)) for step, scale in
+            re.findall(r"step (\d+): fp16 gradient overflow at loss scale (\S+): scaler skip", printed)]
+
+
+def test_fp16_on_cpu_overflows_are_scaler_skips_not_bad_steps(setup, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fp16"
+    # 2^24 / (tokens of a step) is far above fp16's 65504 at an untrained model's loss: the first backward
+    # overflows, and the scale must fall before a step is taken
+    _fp16_run(setup, out, monkeypatch, "--max-steps", 3, init_scale=2.0 ** 24)
+    printed = capsys.readouterr().out
+    assert "precision torch.float16" in printed
+    skips = _scaler_skips(printed)
+    scales = [scale for _, scale in skips]
+    assert skips[0] == (0, 2.0 ** 24) and len(skips) >= 2, printed
+    assert all(b == a / 2 for a, b in zip(scales, scales[1:]))  # halved at each skip (good steps do not grow it)
+    assert "in a row" not in printed  # no bad step
+    meta = json.loads((out / "results.json").read_text())["_meta"]
+    assert meta["steps"] == 3 and meta["bad_steps"] == 0
+    assert meta["scaler_skips"] == meta["skipped_steps"] == len(scales)
+    acc = _scalars(out)
+    assert [e.value for e in acc.Scalars("train/scaler_skips")] == list(range(1, len(scales) + 1))
+    assert {e.value for e in acc.Scalars("train/bad_steps")} == {0}
+    trained_at = [e.value for e in acc.Scalars("train/loss_scale")]
+    first_step_scale = [scale for step, scale in skips if step == 0][-1] / 2
+    assert len(trained_at) == 3 and trained_at[0] == first_step_scale  # the scale the first good step ran at
+    assert all(math.isfinite(e.value) for e in acc.Scalars("train/loss"))
+
+
+def test_fp16_on_cpu_bad_steps_still_stop_the_run(setup, tmp_path, monkeypatch, capsys):
+    def nan_logits(module, inputs, logits):
+        return logits * float("nan")
+
+    with pytest.raises(SystemExit, match="3 bad steps in a row"):  # a non-finite loss is bad at any scale
+        _fp16_run(setup, tmp_path / "nan", monkeypatch, "--max-steps", 10, "--max-bad-steps", 3, hook=nan_logits)
+    printed = capsys.readouterr().out
+    assert printed.count("non-finite loss (nan)") == 3 and not _scaler_skips(printed)
+    assert ckpt.latest_checkpoint(tmp_path / "nan") is not None
+
+    def inf_gradient(module, inputs, logits):  # a finite loss whose gradient overflows at every scale
+        logits.register_hook(lambda g: torch.full_like(g, float("inf")))
+
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="3 bad steps in a row"):
+        _fp16_run(setup, tmp_path / "floor", monkeypatch, "--max-steps", 10, "--max-bad-steps", 3,
+                  init_scale=4.0, hook=inf_gradient)
+    printed = capsys.readouterr().out
+    assert _scaler_skips(printed) == [(0, 4.0), (0, 2.0)]  # the scale falls to the floor; skips there are bad
+    assert printed.count(f"fp16 gradient overflow at the loss-scale floor {train.SCALE_FLOOR:g}") == 3

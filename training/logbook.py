@@ -41,12 +41,13 @@ def open_writer(run_dir: str, is_main: bool):
 
 
 def log_eval(tb, system: str, result: dict, step: int) -> None:
-    """eval_SYSTEM/DIALECT/{cer,wer,ser} scalars (macro average included) and a few examples as text."""
+    """eval_SYSTEM/DIALECT/{cer,wer,ser} scalars (macro average included), and per dialect, as text, the
+    reference / hypothesis pairs of the same few clips at every evaluation (eval_SYSTEM/examples/DIALECT)."""
     for dialect, m in result.items():
         if not isinstance(m, dict) or dialect == "_micro":
             continue
         for metric in ("cer", "wer", "ser"):
             if m.get(metric) is not None:
                 tb.add_scalar(f"eval_{system}/{dialect}/{metric}", m[metric], step)
-    if "_examples" in result:
-        tb.add_text(f"eval_{system}/examples", result["_examples"], step)
+    for dialect, table in result.get("_examples", {}).items():
+        tb.add_text(f"eval_{system}/examples/{dialect}", table, step)

@@ -10,12 +10,13 @@ from whisper_ft.text import resolve_language
 
 
 def resolve_amp(amp: str, device: str) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    """(autocast dtype or None for fp32, whether a GradScaler is needed).
+
+    fp16 on the CPU is never chosen for you (it is slow there), but given explicitly it runs: torch autocasts
+    float16 on the CPU and GradScaler("cpu") scales the loss, so a GPU recipe can be dry-run on a CPU."""
     cuda = device.startswith("cuda")
     if amp == "auto":
         amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if amp == "fp16" and not cuda:
-        raise SystemExit("error: --amp fp16 needs a CUDA device; on CPU use --amp bf16 or fp32")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[amp]
     return dtype, dtype is torch.float16  # bf16 has fp32's range: no loss scaling needed
 

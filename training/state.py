@@ -10,7 +10,8 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # the data position after the last step: epoch, and samples of it already trained on
     consumed: int = 0
-    skipped: int = 0  # non-finite steps skipped, in total
+    skipped: int = 0  # non-finite steps skipped, in total: scaler skips + bad steps (see train.skip_step)
+    scaler_skips: int = 0  # of those, fp16 overflows while the loss scale was still falling
     history: dict = field(default_factory=dict)  # evaluations: "base", "stepK", and "best" ({step, macro_cer})
     rng: dict = field(default_factory=rng_state)  # RNG states at the last step boundary
     # not saved: they describe this process, not the run
@@ -24,7 +25,8 @@ class TrainState:
         base is reloaded from --model on resume, and `base_fingerprint` checks it is the same base."""
         model_state = {k: v for k, v in model.state_dict().items() if full or "lora_" in k}
         ckpt = dict(model=model_state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    step=self.step, epoch=self.epoch, consumed=self.consumed, skipped=self.skipped, rng=self.rng,
+                    step=self.step, epoch=self.epoch, consumed=self.consumed, skipped=self.skipped,
+                    scaler_skips=self.scaler_skips, rng=self.rng,
                     sampler=sampler.state_dict(), history=json.dumps(self.history), base_fingerprint=base_fingerprint)
         if rank_hook is not None:
             ckpt["rank_hook"] = rank_hook.state_dict()
@@ -35,4 +37,4 @@ class TrainState:
         """The counters of a checkpoint; the global RNG is set back to where that step left it."""
         set_rng_state(ckpt["rng"])
         return cls(step=ckpt["step"], epoch=ckpt["epoch"], consumed=ckpt["consumed"], skipped=ckpt["skipped"],
-                   history=json.loads(ckpt["history"]), rng=ckpt["rng"])
+                   scaler_skips=ckpt.get("scaler_skips", 0), history=json.loads(ckpt["history"]), rng=ckpt["rng"])
