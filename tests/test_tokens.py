@@ -3,7 +3,6 @@ like the base until trained, and that travel with adapters and model.pt (or are 
 import json
 import os
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,19 +21,12 @@ from whisper_ft.models import ModelSpecError, export_ct2, export_openai, load_mo
 from whisper_ft.text import ExtendedTokenizer, normalize_text, text_units, tokenizer_for
 from whisper_ft.vocab import frequent_syllables, token_report
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tibetan_sentences.txt")
+# OpenPecha-schema rows (`uni` text, `audio_len` assumed at 4 syllables/s): tests/fixtures/make_openpecha_tibetan.py
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "openpecha_tibetan.parquet")
 
 
-def openpecha_fixture(path) -> str:
-    """An OpenPecha-schema parquet of the fixture sentences (plus one ~30 s row of them all); audio_len assumes
-    4 syllables per second, as there is no audio. Returns the path."""
-    with open(FIXTURE, encoding="utf-8") as f:
-        texts = [t.rstrip("\n") for t in f if t.strip()]
-    texts.append(" ".join(texts[:15]))
-    rows = [{"file_name": f"fixture_{i}", "uni": t, "url": f"http://127.0.0.1/{i}.wav", "dept": "STT_AB", "grade": 3,
-             "char_len": len(t), "audio_len": len(t.replace("།", "་").split("་")) / 4.0} for i, t in enumerate(texts)]
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path)
+def fixture_rows():
+    return pq.read_table(FIXTURE).to_pylist()
 
 
 def demo_texts(split):
@@ -52,8 +44,8 @@ def test_text_units_cover_every_character():
 
 
 @pytest.mark.parametrize("n", [100, 500])
-def test_round_trip_is_exact_on_all_demo_and_fixture_text_and_needs_fewer_tokens(tmp_path, base_tokenizer, n):
-    fixture = [r["uni"] for r in pq.read_table(openpecha_fixture(tmp_path / "op.parquet")).to_pylist()]
+def test_round_trip_is_exact_on_all_demo_and_fixture_text_and_needs_fewer_tokens(base_tokenizer, n):
+    fixture = [r["uni"] for r in fixture_rows()]
     for train_texts, texts in [(demo_texts("train"), demo_texts("train") + demo_texts("test")), (fixture, fixture)]:
         texts = [normalize_text(t, "bo") for t in texts]
         added = frequent_syllables([normalize_text(t, "bo") for t in train_texts], n, base_tokenizer)
@@ -69,8 +61,8 @@ def test_round_trip_is_exact_on_all_demo_and_fixture_text_and_needs_fewer_tokens
         assert after < 0.6 * before, (before, after)
 
 
-def test_token_report_counts_rows_over_the_decoder_context(tmp_path, base_tokenizer):
-    rows = pq.read_table(openpecha_fixture(tmp_path / "op.parquet")).to_pylist()
+def test_token_report_counts_rows_over_the_decoder_context(base_tokenizer):
+    rows = fixture_rows()
     examples = [type("E", (), {"text": r["uni"], "language": "bo", "duration": r["audio_len"]}) for r in rows]
     ext = ExtendedTokenizer(encoding=base_tokenizer.encoding, num_languages=base_tokenizer.num_languages,
                             language="bo", task="transcribe",
@@ -148,7 +140,7 @@ def test_train_adds_tokens_trains_their_rows_and_saves_them(train_setup, tmp_pat
                 "--dialect", "all", "--mode", mode, "--add-tokens", "auto:6", "--max-steps", "2", "--batch-size", "4",
                 "--grad-accum", "1", "--lr", "1e-2", "--no-base-eval", "--eval-batch-size", "4"])
     printed = capsys.readouterr().out
-    assert "tokens per second of audio: default" in printed and "+6 tokens (auto:6)" in printed
+    assert "train rows, tokens per second of audio: default" in printed and "+6 tokens (auto:6)" in printed
     base = load_model(str(train_setup / "tiny.pt")).decoder.token_embedding.weight
     if mode == "lora":
         meta = read_adapter_metadata(out / "adapter.safetensors")["user_metadata"]
@@ -169,3 +161,16 @@ def test_a_bad_add_tokens_value_is_one_line():
     for value, message in (("auto:x", "expected auto:N"), ("no/such/file.txt", "no such file")):
         with pytest.raises(SystemExit, match=f"error: --add-tokens {value}: {message}"):
             train.parse_args(["--add-tokens", value])
+
+
+def test_evaluate_refuses_robustness_and_mixed_vocabularies_before_any_work(tmp_path):
+    import evaluate
+
+    for name, tokens in (("a", ["བཀྲ་"]), ("b", ["ཤིས་"])):
+        save_adapter(_lora_model_with_tokens(tokens), tmp_path / f"{name}.safetensors", "a", base_fingerprint="fp",
+                     metadata={"added_tokens": tokens})
+    a, b = (f"{n}={tmp_path / n}.safetensors" for n in "ab")
+    with pytest.raises(SystemExit, match="error: --robustness with adapters that added tokens.*not supported yet"):
+        evaluate.main(["--adapter", a, "--robustness", "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="error: --adapter a and --adapter b added different tokens"):
+        evaluate.main(["--adapter", a, "--adapter", b, "--out", str(tmp_path / "e")])

@@ -102,7 +102,7 @@ def adapter_tokens(user_metadata: dict) -> tuple:
 
 
 def token_report(examples, tokenizers: dict) -> dict:
-    """{name: {"tokens", "audio_s", "tokens_per_s", "over_ctx"}} of `examples` (their target text, `duration`)
+    """{name: {"rows", "tokens", "audio_s", "tokens_per_s", "over_ctx"}} of `examples` (their target text, `duration`)
     under each tokenizer: text tokens per second of audio, and rows whose decoder input (prefix + text) needs
     more than the decoder's 448 positions. Examples without a duration count for tokens, not seconds."""
     out = {}
@@ -111,13 +111,14 @@ def token_report(examples, tokenizers: dict) -> dict:
         lengths = [len(tok.encode(normalize_text(e.text, e.language))) for e in examples]
         timed = [n for n, e in zip(lengths, examples) if e.duration]
         audio_s = sum(e.duration for e in examples if e.duration)
-        out[name] = {"tokens": sum(lengths), "audio_s": round(audio_s, 1),
+        out[name] = {"rows": len(lengths), "tokens": sum(lengths), "audio_s": round(audio_s, 1),
                      "tokens_per_s": round(sum(timed) / audio_s, 2) if audio_s else None,
                      "over_ctx": sum(n_prefix + n > N_TEXT_CTX for n in lengths)}
     return out
 
 
 def format_token_report(report: dict) -> str:
-    return "tokens per second of audio: " + ", ".join(
+    rows = next(iter(report.values()))["rows"] if report else 0
+    return f"{rows} train rows, tokens per second of audio: " + ", ".join(
         f"{name} {r['tokens_per_s']} ({r['tokens']} tokens, {r['over_ctx']} rows over {N_TEXT_CTX} positions)"
         for name, r in report.items())
