@@ -32,7 +32,8 @@ from lora.adapters import audio_ctx_of, set_active_adapter
 from research import robustness
 from scoring.evaluation import eval_batches, evaluate_systems, summarize, token_limit
 from scoring.metrics import term_recall
-from scoring.systems import RESERVED, checkpoint_spec, fit_mix, load_systems, parse_adapters, parse_routes, system_name
+from scoring.systems import (RESERVED, added_vocabulary, checkpoint_spec, fit_mix, load_systems, parse_adapters,
+                             parse_routes, system_name)
 from scoring.tables import format_table, format_terms, write_chart, write_results
 from training.setup import choose_device, language_of, load_base
 from whisper_ft.encoder import enable_dynamic_audio_ctx
@@ -189,6 +190,9 @@ def check_args(args) -> dict:
     languages = [language_of(lang, args.language_fallback)
                  for lang in (languages * len(sources) if len(languages) == 1 else languages)]
     adapters, mixes = parse_adapters(args.adapter)
+    if added_vocabulary(adapters) and args.robustness:  # also: different added tokens are one line here, early
+        raise SystemExit("error: --robustness with adapters that added tokens (--add-tokens) is not supported yet: "
+                         "the base would rescore text in tokens it has no rows for; drop --robustness")
     checkpoints = {}
     for path in args.checkpoint:
         name = system_name(path)

@@ -20,10 +20,12 @@ import sys
 import time
 
 from lora.adapters import export_peft, merge_and_unload, set_active_adapter
+from lora.rows import rows_modules
 from scoring.systems import checkpoint_spec, load_systems, parse_adapters
 from training.setup import choose_device, load_base
 from whisper_ft.convert import CT2_QUANTIZATIONS, openai_to_hf_name
 from whisper_ft.models import ModelSpecError, export_ct2, export_hf, export_openai, fingerprint
+from whisper_ft.vocab import forget_rowless_tokens
 
 FORMATS = ("openai", "hf", "peft", "ct2")
 
@@ -67,12 +69,16 @@ def main(argv=None) -> dict:
               "adapter_file": adapters.get(target), "composition": built.get(target),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:] if argv is None else list(argv)}
     if args.to == "peft":
+        if rows_modules(model, target):
+            raise SystemExit(f"error: --to peft: adapter {target} added tokens (--add-tokens), which PEFT's LoRA files "
+                             f"cannot hold yet; export the merged model with --to openai")
         set_active_adapter(model, target)
         export_peft(model, args.out, target, module_name_map=openai_to_hf_name, base_model_name_or_path=spec)
         files = ["adapter_config.json", "adapter_model.safetensors"]
     else:
         if target is not None:
             merge_and_unload(model, target)
+            forget_rowless_tokens(model)
         record["merged_fingerprint"] = fingerprint(model)
         if args.to == "openai":
             export_openai(model, args.out, metadata=record)

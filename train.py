@@ -42,12 +42,13 @@ from training.logbook import ProgressLog, log_eval, open_writer
 from training.memory import enable_grad_checkpointing, peak_memory_mb
 from training.optim import build_optimizer, lr_at
 from training.rundir import open_run_dir, resume_config
-from training.setup import autocast_for, choose_device, language_of, load_base, select_dialects
+from training.setup import add_tokens, autocast_for, choose_device, language_of, load_base, select_dialects
 from training.specaugment import add_specaugment_args, make_generator, specaugment_from_args
 from training.state import TrainState
 from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.models import ModelSpecError, export_openai
-from whisper_ft.text import tokenizer_for
+from whisper_ft.text import extend_tokenizer, normalize_text, tokenizer_for
+from whisper_ft.vocab import added_tokens_metadata, choose_tokens, format_token_report, parse_add_tokens, token_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strict", action="store_true", help="any bad data row is an error before training")
     add_data_args(g)
     g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--add-tokens", default=None, metavar="auto:N|FILE",
+                   help="add tokens to the vocabulary: the N most frequent syllables of the training text, or a file "
+                        "of tokens one per line (shorter Tibetan targets; saved with the adapter or model)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--mode", default="lora", choices=["lora", "full"])
     g.add_argument("--epochs", type=int, default=1)
@@ -185,6 +189,11 @@ def check_values(args) -> None:
     if args.base_8bit and args.mode != "lora":
         raise SystemExit("error: --base-8bit is for --mode lora only: it freezes the base in int8, and full "
                          "fine-tuning trains those weights (drop --base-8bit, or use --mode lora)")
+    if args.add_tokens:
+        try:
+            parse_add_tokens(args.add_tokens)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     if args.freeze_encoder and args.mode == "lora":
         raise SystemExit("error: --freeze-encoder is for --mode full (LoRA already freezes the base); to train no "
                          "encoder adapter, give decoder targets, e.g. --lora-targets 'decoder\\..*\\.(query|value)'")
@@ -246,12 +255,12 @@ def main(argv=None, on_eval=None) -> dict:
     tokenizer = tokenizer_for(model, language)
     data = build_data(args, model, tokenizer, language, rank, world)
     total_steps = args.max_steps or math.ceil(data["micro_per_epoch"] * args.epochs / args.grad_accum)
-    adapter_name, rank_hook = prepare_model(model, args, total_steps, device)
+    adapter_name, rank_hook = prepare_model(model, args, total_steps, device, data.pop("added_tokens"), tokenizer)
     peak_lr = args.lr or (1e-3 if args.mode == "lora" else 1e-5)
     autocast, amp_dtype, use_scaler = autocast_for(args.amp, device)
     run = Run(args=args, config=config, run_dir=run_dir, device=device, rank=rank, world=world, model=model,
               train_model=wrap_ddp(model, device, world), base_fp=base_fp, adapter_name=adapter_name,
-              tokenizer=tokenizer, language=language, **{k: v for k, v in data.items() if k != "micro_per_epoch"},
+              language=language, **{k: v for k, v in data.items() if k != "micro_per_epoch"},
               spec_augment=specaugment_from_args(args), autocast=autocast,
               scaler=torch.amp.GradScaler(device.split(":")[0], enabled=use_scaler),
               optimizer=build_optimizer(model, peak_lr, args.weight_decay, device), rank_hook=rank_hook,
@@ -405,6 +414,7 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
     if hint:
         print(f"note: {hint}")
     include, mode = select_dialects(args.dialect, args.sampling, sorted({e.dialect for e in train_examples}))
+    added, tokenizer = choose_vocabulary(args, [e for e in train_examples if e.dialect in include], tokenizer)
     sampler = DialectSampler([e.dialect for e in train_examples], mode=mode, include=include,
                              num_samples=args.samples, temperature=args.temperature, seed=args.seed,
                              rank=rank, world_size=world, fixed_subset=args.fixed_subset)
@@ -423,7 +433,23 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
                 loader=make_loader(dataset, sampler, collator, args.batch_size, num_workers=args.num_workers),
                 eval_dataset=SpeechDataset(test_examples, n_mels=n_mels),  # never augmented
                 eval_collator=Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx),
-                micro_per_epoch=math.ceil(sampler.num_samples_per_epoch() / (args.batch_size * world)))
+                micro_per_epoch=math.ceil(sampler.num_samples_per_epoch() / (args.batch_size * world)),
+                tokenizer=tokenizer, added_tokens=added)
+
+
+def choose_vocabulary(args, examples, tokenizer):
+    """(added tokens, the tokenizer that spells them) for --add-tokens, chosen from the text of `examples`; prints
+    tokens per second of audio and rows over the decoder's positions with the default tokenizer and the new one."""
+    added = ()
+    if args.add_tokens:
+        try:
+            added = choose_tokens(args.add_tokens, [normalize_text(e.text, e.language) for e in examples], tokenizer)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
+    extended = extend_tokenizer(tokenizer, added) if added else tokenizer
+    print(format_token_report(token_report(examples, {"default": tokenizer, **(
+        {f"+{len(added)} tokens ({args.add_tokens})": extended} if added else {})})))
+    return added, extended
 
 
 def load_split(spec: str, split: str, **kw):
@@ -434,8 +460,9 @@ def load_split(spec: str, split: str, **kw):
         raise SystemExit(f"error: {e}") from None
 
 
-def prepare_model(model, args, total_steps: int, device: str):
-    """(adapter name, rank-strategy hook or None): LoRA wrapped into the model, or every weight trainable."""
+def prepare_model(model, args, total_steps: int, device: str, added=(), tokenizer=None):
+    """(adapter name, rank-strategy hook or None): LoRA wrapped into the model, or every weight trainable; rows for
+    the `added` tokens (initialised from the base `tokenizer`'s pieces) trained with them."""
     adapter_name = args.dialect if args.dialect in DIALECTS else "default"
     rank_hook = None
     if args.mode == "lora":
@@ -449,11 +476,15 @@ def prepare_model(model, args, total_steps: int, device: str):
                                         alpha=args.lora_alpha, dropout=args.lora_dropout, rslora=args.rslora,
                                         **strategy_args)
         model.to(device)
+        if added:
+            add_tokens(model, added, tokenizer, adapter=adapter_name)
         mark_only_lora_trainable(model)
     else:
         model.requires_grad_(True)
         if args.freeze_encoder:
             model.encoder.requires_grad_(False)
+        if added:
+            add_tokens(model, added, tokenizer)
     # also at full windows: encode() computes what whisper's encoder does (bitwise, tests/test_encoder.py)
     # with a contiguous residual stream, so no LayerNorm copies its input (~2% of a LoRA step)
     enable_dynamic_audio_ctx(model)
@@ -592,7 +623,8 @@ def save_model(run: Run, state: TrainState, suffix: str = "") -> None:
     if run.args.mode == "lora":
         save_adapter(run.model, os.path.join(run.run_dir, f"adapter{suffix}.safetensors"), run.adapter_name,
                      base_fingerprint=run.base_fp,
-                     metadata={"config": run.config, "dialect": run.args.dialect, "steps": state.step})
+                     metadata={"config": run.config, "dialect": run.args.dialect, "steps": state.step,
+                               **added_tokens_metadata(run.model)})
     else:
         export_openai(run.model, os.path.join(run.run_dir, f"model{suffix}.pt"))
 

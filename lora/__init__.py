@@ -1,6 +1,7 @@
 """LoRA from scratch; depends on torch.nn only.
 
 layers.py  LoRALinear (named adapters on one Linear, merge/unmerge)
+rows.py    AddedRows (an adapter's trainable rows appended to a frozen nn.Embedding: added tokens)
 inject.py  add_lora by name pattern, mark_only_lora_trainable, parameter counts
 adapters.py  adapter files, switching, merge_and_unload, PEFT export
 rank.py    rank strategies (fixed, mixed, high-rank warm-up, dynamic allocation) behind apply_rank_strategy

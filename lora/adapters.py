@@ -1,7 +1,7 @@
 """Adapter files: save/load one adapter (safetensors + metadata), switch between several, merge for export.
 
 A file holds `<module>.lora_A`, `<module>.lora_B` (and `<module>.lora_E` for the "svd" kind) for one adapter,
-and string metadata: format version, adapter name, kind, the fingerprint of the base it was trained on, the
+`<embedding>.lora_rows` when it added tokens (lora/rows.py; what they spell is the caller's metadata), and string metadata: format version, adapter name, kind, the fingerprint of the base it was trained on, the
 wrapped module names with their ranks, alpha, dropout, rslora, and the caller's own metadata as JSON.
 The adapter name is not part of the tensor keys, so a file can be loaded under any name.
 """
@@ -19,6 +19,7 @@ from torch import nn
 # list_adapters / set_active_adapter live in inject.py (add_lora activates); re-exported here with the file API
 from .inject import add_lora, list_adapters, lora_modules, replace_module, set_active_adapter  # noqa: F401
 from .layers import check_adapter_name
+from .rows import add_rows, rows_modules
 
 FORMAT_VERSION = "1"
 _PARTS = ("lora_A", "lora_B", "lora_E")
@@ -52,6 +53,8 @@ def save_adapter(model: nn.Module, path, name: str = "default", *, base_fingerpr
         for part in _PARTS:
             if name in getattr(m, part):
                 tensors[f"{mname}.{part}"] = getattr(m, part)[name].detach().cpu().contiguous()
+    for mname, m in rows_modules(model, name).items():
+        tensors[f"{mname}.lora_rows"] = m.lora_rows[name].detach().cpu().contiguous()
     meta = {"format_version": FORMAT_VERSION, "name": name, "base_fingerprint": str(base_fingerprint),
             "kind": cfg["kind"], "targets": json.dumps(cfg["targets"]), "ranks": json.dumps(cfg["ranks"]),
             "r": str(cfg["r"]), "alpha": repr(cfg["alpha"]), "dropout": repr(cfg["dropout"]),
@@ -132,9 +135,24 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, base_finger
                                            f"model expects {tuple(p.shape)}")
             with torch.no_grad():
                 p.copy_(t)
+    _load_rows(model, path, name, tensors)
     if activate:
         set_active_adapter(model, name)
     return name
+
+
+def _load_rows(model, path, name: str, tensors: dict) -> None:
+    """The adapter's added embedding rows (`<embedding>.lora_rows`), if it has any; files without them load as before."""
+    for key, t in tensors.items():
+        mname = key.removesuffix(".lora_rows")
+        if mname == key:
+            continue
+        module = _get(model, mname)
+        try:
+            add_rows(model, mname, name, t)
+        except (ValueError, AttributeError) as e:
+            raise AdapterMismatchError(f"{path}: added rows {key} do not fit this model "
+                                       f"({type(module).__name__}: {e})") from None
 
 
 def _get(model, name):
@@ -151,6 +169,9 @@ def merge_and_unload(model: nn.Module, name: str) -> nn.Module:
     for mname, m in lora_modules(model).items():
         m.set_active(name if name in m.specs else None)
         m.merge()
+        replace_module(model, mname, m.unload())
+    for mname, m in rows_modules(model).items():  # the adapter's added rows become plain embedding rows
+        m.set_active(name)
         replace_module(model, mname, m.unload())
     return model
 

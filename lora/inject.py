@@ -11,6 +11,7 @@ from typing import Iterable
 from torch import nn
 
 from .layers import AdapterSpec, LoRALinear
+from .rows import rows_modules
 
 _ATTN = r"(encoder\.blocks\.\d+\.attn|decoder\.blocks\.\d+\.(attn|cross_attn))"
 TARGET_PRESETS: dict[str, list[str]] = {
@@ -98,6 +99,8 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
         raise KeyError(f"no adapter named {name!r} in the model; it has {list_adapters(model)}")
     for m in lora_modules(model).values():
         m.set_active(name if name in m.specs else None)
+    for m in rows_modules(model).values():  # an adapter's added embedding rows (lora/rows.py) switch with it
+        m.set_active(name)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
@@ -119,4 +122,6 @@ def describe_trainable(model: nn.Module) -> str:
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Drop adapter `name` from every layer that holds it (the layers stay wrapped)."""
     for m in lora_modules(model, name).values():
+        m.remove_adapter(name)
+    for m in rows_modules(model, name).values():
         m.remove_adapter(name)

@@ -11,7 +11,7 @@ import torch
 
 from scoring import metrics
 from whisper_ft.decoding import decode
-from whisper_ft.text import normalize_text, target_tokens
+from whisper_ft.text import normalize_text, prefix_tokens
 
 MAX_TOKENS = 224  # whisper's own sample_len for a 30 s window
 
@@ -33,9 +33,10 @@ def token_limit(dataset, tokenizer) -> int:
     """A decoding limit from the test set as a whole (2x its longest reference + 10, at most 224).
 
     Set per test set, never per utterance, so no reference length leaks into a hypothesis; it only stops
-    looping hypotheses of an untrained model from costing 224 steps each on a CPU.
+    looping hypotheses of an untrained model from costing 224 steps each on a CPU. Counted in whisper's own BPE
+    (`tokenizer.encoding`) even for a tokenizer with added tokens: a system without their rows spells the text so.
     """
-    longest = max((len(target_tokens(tokenizer, normalize_text(e.text, e.language))[1])
+    longest = max((len(prefix_tokens(tokenizer)) + len(tokenizer.encoding.encode(normalize_text(e.text, e.language)))
                    for e in dataset.examples), default=MAX_TOKENS)
     return min(MAX_TOKENS, 2 * longest + 10)
 

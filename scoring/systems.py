@@ -3,11 +3,12 @@ checked before any work, and the adapters (files and compositions) loaded into t
 """
 import os
 
-from lora.adapters import AdapterMismatchError, load_adapter
+from lora.adapters import AdapterMismatchError, load_adapter, read_adapter_metadata
 from lora.compose import compose, parse_mix
 from lora.inject import remove_adapter, set_active_adapter
 from lora.layers import check_adapter_name
 from scoring.evaluation import evaluate_systems
+from whisper_ft.vocab import adapter_tokens, set_added_tokens
 
 RESERVED = ("base", "routed")
 
@@ -51,12 +52,16 @@ def parse_adapters(values) -> tuple[dict, dict]:
 
 def load_systems(model, base_fp: str, adapters: dict, mixes: dict, *, mix_rank=None, fit=None) -> dict:
     """Load the adapter files into `model`, then build each composition; returns {mix name: its weights, rank,
-    energy kept}. `fit(model, name, terms)`, when given, returns the weights of a composition given without them."""
+    energy kept}. `fit(model, name, terms)`, when given, returns the weights of a composition given without them.
+    Adapters that added tokens (--add-tokens) give the model their vocabulary; one run holds one such vocabulary."""
+    tokens = added_vocabulary(adapters)
     for name, path in adapters.items():
         try:
             load_adapter(model, path, name, base_fingerprint=base_fp, activate=False)
         except (AdapterMismatchError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
+    if tokens:
+        set_added_tokens(model, tokens)
     built = {}
     for name, terms in mixes.items():
         if terms[0][1] is not None:
@@ -70,6 +75,23 @@ def load_systems(model, base_fp: str, adapters: dict, mixes: dict, *, mix_rank=N
         print(f"composed {name} = " + " + ".join(f"{w:.3f} x {t}" for t, w in weights.items())
               + (f", rank {mix_rank} (min energy kept {min(energy.values()):.3f})" if mix_rank else " (exact)"))
     return built
+
+
+def added_vocabulary(adapters: dict) -> tuple:
+    """The tokens the adapters added to the vocabulary (() for none); one line when two added different ones."""
+    found = {}
+    for name, path in adapters.items():
+        try:
+            tokens = adapter_tokens(read_adapter_metadata(path)["user_metadata"])
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
+        if tokens:
+            found[name] = tokens
+    if len(set(found.values())) > 1:
+        a, b = list(found)[:2]
+        raise SystemExit(f"error: --adapter {a} and --adapter {b} added different tokens to the vocabulary "
+                         f"({len(found[a])} and {len(found[b])}, --add-tokens): decode them in separate runs")
+    return next(iter(found.values()), ())
 
 
 def parse_routes(values, adapters: dict) -> dict:

@@ -4,9 +4,12 @@ from contextlib import nullcontext
 import torch
 
 from lora.int8 import quantize_frozen_linears, storage_bytes
+from lora.inject import set_active_adapter
+from lora.rows import add_rows
 from training.memory import keep_freed_memory
 from whisper_ft.models import fingerprint, load_model
 from whisper_ft.text import resolve_language
+from whisper_ft.vocab import grow_embedding, initial_rows, set_added_tokens
 
 
 def resolve_amp(amp: str, device: str) -> tuple[torch.dtype | None, bool]:
@@ -73,3 +76,16 @@ def language_of(code: str, fallback: str | None = None) -> str:
         return resolve_language(code, fallback=fallback)
     except ValueError as e:
         raise SystemExit(f"error: --language: {e}") from None
+
+
+def add_tokens(model, tokens, tokenizer, adapter: str | None = None) -> None:
+    """Rows for `tokens` (--add-tokens) on the decoder's tied embedding, initialised from the base tokens that spell
+    them (`tokenizer`: the base one): trainable rows of `adapter` beside the frozen base under LoRA, else a
+    bigger embedding that trains with every other weight."""
+    if adapter is None:
+        grow_embedding(model, tokens, tokenizer)
+        return
+    emb = model.decoder.token_embedding
+    add_rows(model, "decoder.token_embedding", adapter, initial_rows(emb.weight, tokens, tokenizer))
+    set_active_adapter(model, adapter)  # the adapter was activated before it had rows
+    set_added_tokens(model, tokens)

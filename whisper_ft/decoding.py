@@ -23,6 +23,7 @@ from whisper.model import AudioEncoder
 from whisper.utils import compression_ratio
 
 from .encoder import check_mel, encode
+from .text import MULTILINGUAL_VOCAB, vocab_size
 
 COMPRESSION_RATIO_THRESHOLD = 2.4  # whisper's transcribe() treats text above this as a failed decode
 LOOP_MIN_SPAN = 32  # tokens: a periodic tail this long, ...
@@ -74,11 +75,13 @@ def suppress_tokens(tokenizer) -> List[int]:
 
 
 class _Filters:
-    """Whisper's logit filters as precomputed masks (SuppressTokens always, SuppressBlank at step 0)."""
+    """Whisper's logit filters as precomputed masks (SuppressTokens always, SuppressBlank at step 0), plus any id
+    the tokenizer cannot spell (rows a model has for tokens added to another vocabulary)."""
 
     def __init__(self, tokenizer, n_vocab, device, sample_begin, timestamps):
         self.mask = torch.zeros(n_vocab, dtype=torch.bool, device=device)
         self.mask[suppress_tokens(tokenizer)] = True
+        self.mask[vocab_size(tokenizer):] = True
         self.first = self.mask.clone()
         self.first[tokenizer.encode(" ") + [tokenizer.eot]] = True
         self.sample_begin = sample_begin
@@ -96,12 +99,17 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def _n_logits(model) -> int:
+    """Width of the logits: the token embedding's rows (with added tokens, those the active adapter has)."""
+    return model.decoder.token_embedding.num_embeddings
+
+
 def _check_tokenizer(model, tokenizer) -> None:
     multilingual = "multilingual" in tokenizer.encoding.name
-    if multilingual != model.is_multilingual:
+    # not model.is_multilingual: it reads n_vocab, which added tokens (whisper_ft/vocab.py) enlarge
+    if multilingual != (model.dims.n_vocab - len(getattr(model, "added_tokens", ())) >= MULTILINGUAL_VOCAB):
         raise ValueError(f"tokenizer is {'multilingual' if multilingual else 'English-only'} but the model "
-                         f"is not: use whisper.tokenizer.get_tokenizer(multilingual={model.is_multilingual}, "
-                         f"num_languages=model.num_languages, language=..., task=...)")
+                         f"is not: build it with whisper_ft.text.tokenizer_for(model, language)")
     if multilingual and (tokenizer.language is None or tokenizer.task is None):
         raise ValueError("tokenizer has no language or task to force: build it with "
                          "get_tokenizer(multilingual=True, language=..., task='transcribe')")
@@ -177,6 +185,9 @@ def decode(model, mel: Optional[torch.Tensor], tokenizer, *, beam_size: int = 1,
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     _check_tokenizer(model, tokenizer)
+    if timestamps and getattr(tokenizer, "added", ()):
+        raise ValueError("timestamps with added tokens are not supported: whisper's timestamp rules treat every id "
+                         "after the first timestamp as one")
     if audio_features is None:
         if mel is None:
             raise ValueError("pass mel or audio_features")
@@ -190,7 +201,7 @@ def decode(model, mel: Optional[torch.Tensor], tokenizer, *, beam_size: int = 1,
     prefix = _prefix(tokenizer, timestamps)
     # whisper also stops when the whole context is full
     max_tokens = min(max_tokens, model.dims.n_text_ctx - len(prefix))
-    filters = _Filters(tokenizer, model.dims.n_vocab, audio_features.device, len(prefix), timestamps)
+    filters = _Filters(tokenizer, _n_logits(model), audio_features.device, len(prefix), timestamps)
     search = _greedy if beam_size == 1 else _beam
     return search(model, audio_features, tokenizer, prefix, filters, beam_size, nbest, max_tokens,
                   length_penalty, loop_guard)
@@ -414,7 +425,7 @@ def score_hypotheses(model, audio_features: torch.Tensor, tokenizer,
     flat = [(b, list(seq)) for b, seqs in enumerate(token_seqs) for seq in seqs]
     if not flat:
         return [[] for _ in token_seqs]
-    n_vocab, n_ctx = model.dims.n_vocab, model.dims.n_text_ctx
+    n_vocab, n_ctx = _n_logits(model), model.dims.n_text_ctx
     targets = [seq + [tokenizer.eot] if include_eot else seq for _, seq in flat]
     for (b, seq), tgt in zip(flat, targets):
         if any(not 0 <= t < n_vocab for t in seq):

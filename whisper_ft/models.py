@@ -100,7 +100,10 @@ def load_openai_checkpoint(path) -> Whisper:
     if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
         raise ModelSpecError(f"{path}: expected an openai-whisper checkpoint with 'dims' and 'model_state_dict'"
                              " (a train.py checkpoint? pass its exported model.pt instead)")
-    return build_model(dict(ckpt["dims"]), ckpt["model_state_dict"], path)
+    model = build_model(dict(ckpt["dims"]), ckpt["model_state_dict"], path)
+    if ckpt.get("added_tokens"):  # dims.n_vocab already counts them (whisper_ft/vocab.py)
+        model.added_tokens = tuple(ckpt["added_tokens"])
+    return model
 
 
 def load_hf_dir(path) -> Whisper:
@@ -219,8 +222,12 @@ def base_state(model) -> dict:
 
 def export_openai(model, path, metadata: dict | None = None) -> None:
     """Write `{"dims", "model_state_dict"}` that plain `whisper.load_model(path)` loads (LoRA keys dropped);
-    `metadata` (what was merged into it, from which base) rides along under "whisper_ft", which whisper ignores."""
+    `metadata` (what was merged into it, from which base) rides along under "whisper_ft", which whisper ignores,
+    and so do the model's added tokens ("added_tokens"): whisper loads such weights but not their vocabulary
+    (its tokenizer would read the language count off the larger n_vocab), `load_model` here restores both."""
     payload = {"dims": dataclasses.asdict(model.dims), "model_state_dict": base_state(model)}
+    if getattr(model, "added_tokens", ()):
+        payload["added_tokens"] = list(model.added_tokens)
     if metadata:
         payload["whisper_ft"] = json.dumps(metadata)
     with _atomic_path(path) as tmp:
@@ -233,6 +240,7 @@ def export_hf(model, out_dir) -> list[str]:
     `transformers.pipeline("automatic-speech-recognition", model=out_dir)` loads it as is. Returns the files."""
     from safetensors.torch import save_file
 
+    _refuse_added_tokens(model, "hf")
     dims = dataclasses.asdict(model.dims)
     tok = tokenizer_for(model, "en")  # the language only marks a multilingual tokenizer (None for English-only)
     heads = model.alignment_heads.to_dense().nonzero().tolist()
@@ -257,6 +265,7 @@ def export_ct2(model, out_dir, quantization: str = "float32") -> list[str]:
     """
     from whisper_ft.decoding import suppress_tokens
 
+    _refuse_added_tokens(model, "ct2")
     dims = dataclasses.asdict(model.dims)
     tok = tokenizer_for(model, "en")  # the language only marks a multilingual tokenizer (None for English-only)
     tensors = convert.quantize_ct2(convert.openai_to_ct2(dims, base_state(model)), quantization)
@@ -270,6 +279,12 @@ def export_ct2(model, out_dir, quantization: str = "float32") -> list[str]:
     vocab = convert.ct2_vocabulary(tok, dims["n_vocab"])
     _write_texts(out_dir, {"config.json": json.dumps(config, indent=2) + "\n", "vocabulary.txt": "\n".join(vocab) + "\n"})
     return ["model.bin", "config.json", "vocabulary.txt"] + (["tokenizer.json"] if _copy_shipped_tokenizer(out_dir, vocab) else [])
+
+
+def _refuse_added_tokens(model, fmt: str) -> None:
+    if getattr(model, "added_tokens", ()):
+        raise ModelSpecError(f"--to {fmt}: the model has {len(model.added_tokens)} added tokens (--add-tokens) and "
+                             f"writing them into a {fmt} vocabulary is not supported yet; export with --to openai")
 
 
 def _write_texts(out_dir, texts: dict) -> None:

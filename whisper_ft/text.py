@@ -10,15 +10,18 @@ which shreds Tibetan (every vowel sign and subjoined consonant is a combining ma
 import logging
 import re
 import unicodedata
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import tibetan_wer
 from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
-from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, Tokenizer
 
 log = logging.getLogger(__name__)
 
 N_TEXT_CTX = 448  # decoder positions: prefix + text tokens must fit (the model's n_text_ctx)
+N_TIMESTAMPS = 1501  # <|0.00|> ... <|30.00|>: the last ids of every whisper vocabulary
+MULTILINGUAL_VOCAB = 51865  # whisper's multilingual vocabularies have at least this many ids (large-v3: one more)
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
 
 TSHEG = "\u0f0b"  # ་ syllable separator
@@ -136,11 +139,104 @@ def _lookup_language(code: str) -> str | None:
 
 
 def tokenizer_for(model, language: str, task: str = "transcribe"):
-    """The whisper tokenizer that fits `model` (multilingual or English-only, its number of languages)."""
+    """The tokenizer that fits `model` (multilingual or English-only, its number of languages, and the tokens
+    added to its vocabulary, `model.added_tokens`, when it has any: then an ExtendedTokenizer)."""
     import whisper
 
-    return whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages,
+    added = tuple(getattr(model, "added_tokens", ()))
+    n_base = model.dims.n_vocab - len(added)  # whisper reads the language count off n_vocab: the base one
+    multilingual = n_base >= MULTILINGUAL_VOCAB
+    base = whisper.tokenizer.get_tokenizer(multilingual, num_languages=n_base - 51765 - int(multilingual),
                                            language=language, task=task)
+    return extend_tokenizer(base, added) if added else base
+
+
+def vocab_size(tokenizer) -> int:
+    """Ids the tokenizer can decode: text, specials, timestamps, and added tokens after them."""
+    return tokenizer.timestamp_begin + N_TIMESTAMPS + len(getattr(tokenizer, "added", ()))
+
+
+# One unit of text for added tokens: a syllable (an optional leading space, letters, then its tsheg or shads),
+# a whitespace run, or stray tshegs/shads. Any text is a sequence of units (the pattern matches every character).
+_UNIT = re.compile(f" ?[^\\s{TSHEG}{SHAD}]+(?:{TSHEG}|{SHAD}+)?|\\s+|[{TSHEG}{SHAD}]+")
+
+
+def text_units(text: str) -> list[str]:
+    """`text` cut into syllables, spaces and marks; "".join(text_units(t)) == t."""
+    return _UNIT.findall(text)
+
+
+@dataclass
+class ExtendedTokenizer(Tokenizer):
+    """Whisper's tokenizer plus whole-syllable tokens (--add-tokens) at ids after the timestamps.
+
+    Whisper spends several byte-level BPE tokens on one Tibetan syllable; an added token spells a syllable (or
+    several, from a token file) in one. Encoding takes, unit by unit (`text_units`), the longest run of units
+    that is an added token (also without its leading space, which then goes to the BPE); everything else is
+    the base BPE. Decoding maps added ids back to their exact strings: decode(encode(t)) == t. Ids below
+    `timestamp_begin` are whisper's text and specials as before; timestamps keep [timestamp_begin,
+    timestamp_begin + 1501); added token k is timestamp_begin + 1501 + k, past every id whisper knows.
+    """
+    added: tuple = ()
+
+    @cached_property
+    def first_added(self) -> int:
+        return self.timestamp_begin + N_TIMESTAMPS
+
+    @cached_property
+    def _added_ids(self) -> dict:
+        return {t: self.first_added + k for k, t in enumerate(self.added)}
+
+    @cached_property
+    def _max_units(self) -> int:
+        return max((len(text_units(t)) for t in self.added), default=0)
+
+    def encode(self, text, **kwargs):
+        ids, plain, units, i = [], [], text_units(text), 0
+        while i < len(units):
+            end, token, lead = self._longest_match(units, i)
+            if token is None:
+                plain.append(units[i])
+                i += 1
+                continue
+            plain.append(lead)
+            if "".join(plain):
+                ids += self.encoding.encode("".join(plain), **kwargs)
+            ids.append(token)
+            plain, i = [], end
+        if plain:
+            ids += self.encoding.encode("".join(plain), **kwargs)
+        return ids
+
+    def _longest_match(self, units, i):
+        """(end unit, added id, leading space left to the BPE) of the longest added token at unit i; (i, None, "")"""
+        for end in range(min(len(units), i + self._max_units), i, -1):
+            s = "".join(units[i:end])
+            if s in self._added_ids:
+                return end, self._added_ids[s], ""
+            if s.startswith(" ") and s[1:] in self._added_ids:
+                return end, self._added_ids[s[1:]], " "
+        return i, None, ""
+
+    def decode(self, token_ids, **kwargs) -> str:
+        out, run = [], []
+        for t in token_ids:
+            k = t - self.first_added
+            if 0 <= k < len(self.added):
+                out += [super().decode(run, **kwargs), self.added[k]]
+                run = []
+            else:
+                run.append(t)
+        return "".join(out) + super().decode(run, **kwargs)
+
+
+def extend_tokenizer(base, added) -> ExtendedTokenizer:
+    """`base` (a whisper Tokenizer) with `added` token strings (unique, non-empty) appended."""
+    added = tuple(added)
+    if len(set(added)) != len(added) or not all(added):
+        raise ValueError("added tokens must be unique, non-empty strings")
+    return ExtendedTokenizer(encoding=base.encoding, num_languages=base.num_languages, language=base.language,
+                             task=base.task, added=added)
 
 
 def prefix_tokens(tokenizer, task: str = "transcribe") -> list[int]:
