@@ -47,8 +47,9 @@ from training.specaugment import add_specaugment_args, make_generator, specaugme
 from training.state import TrainState
 from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.models import ModelSpecError, export_openai
-from whisper_ft.text import extend_tokenizer, normalize_text, tokenizer_for
-from whisper_ft.vocab import added_tokens_metadata, choose_tokens, format_token_report, parse_add_tokens, token_report
+from whisper_ft.text import N_TEXT_CTX, extend_tokenizer, normalize_text, tokenizer_for
+from whisper_ft.vocab import (added_tokens_metadata, choose_tokens, decoder_length, format_token_report, parse_add_tokens,
+                              token_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,7 +407,9 @@ def micro_batches(loader, sampler, dataset, epoch, consumed, batch_size, epochs)
 
 def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> dict:
     """The training examples in the sampler's order (this rank's share), and the test set."""
-    train_examples, report = load_split(args.data, "train", language=language, strict=args.strict, **data_options(args))
+    # with --add-tokens, text length is checked after the tokens are chosen: rows only they make fit are kept
+    train_examples, report = load_split(args.data, "train", language=language, strict=args.strict,
+                                        check_text_length=not args.add_tokens, **data_options(args))
     print(report.summary())
     hint = report.dialect_hint()
     if not train_examples:
@@ -415,6 +418,7 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
         print(f"note: {hint}")
     include, mode = select_dialects(args.dialect, args.sampling, sorted({e.dialect for e in train_examples}))
     added, tokenizer = choose_vocabulary(args, [e for e in train_examples if e.dialect in include], tokenizer)
+    train_examples = drop_over_ctx(train_examples, tokenizer) if args.add_tokens else train_examples
     sampler = DialectSampler([e.dialect for e in train_examples], mode=mode, include=include,
                              num_samples=args.samples, temperature=args.temperature, seed=args.seed,
                              rank=rank, world_size=world, fixed_subset=args.fixed_subset)
@@ -450,6 +454,15 @@ def choose_vocabulary(args, examples, tokenizer):
     print(format_token_report(token_report(examples, {"default": tokenizer, **(
         {f"+{len(added)} tokens ({args.add_tokens})": extended} if added else {})})))
     return added, extended
+
+
+def drop_over_ctx(examples, tokenizer) -> list:
+    """The examples whose text fits the decoder's positions with `tokenizer` (the others counted and named)."""
+    fits = [decoder_length(e.text, e.language, tokenizer) <= N_TEXT_CTX for e in examples]
+    if not all(fits):
+        print(f"skipped {fits.count(False)} training rows whose text needs more than {N_TEXT_CTX} decoder positions "
+              f"even with the added tokens (e.g. {examples[fits.index(False)].id})")
+    return [e for e, ok in zip(examples, fits) if ok]
 
 
 def load_split(spec: str, split: str, **kw):

@@ -83,7 +83,8 @@ class SourceError(ValueError):
 def load_examples(spec: str, split: str = "train", *, language: str = "bo", strict: bool = False,
                   cache_dir=None, dialect_map=None, text_column: str | None = None,
                   dialect_column: str | None = None, min_grade: int | None = None, max_rows: int | None = None,
-                  audio_check: str = "header", dialects=None) -> tuple[list[Example], ValidationReport]:
+                  audio_check: str = "header", dialects=None,
+                  check_text_length: bool = True) -> tuple[list[Example], ValidationReport]:
     """Load and validate the examples of `spec` (see the module docstring) for `split`.
 
     dialect_map: dict, JSON string, JSON file, or "RAW=dialect,..." applied to raw labels (OpenPecha
@@ -94,6 +95,8 @@ def load_examples(spec: str, split: str = "train", *, language: str = "bo", stri
     max_rows: cap rows per source before any audio is fetched (quick experiments).
     audio_check: "header" (soundfile.info only; silent/NaN clips are skipped later by SpeechDataset)
       or "full" (decode every file once now).
+    check_text_length: drop rows whose text needs more than the decoder's positions with Whisper's tokenizer;
+      False when the caller extends the tokenizer first (train.py --add-tokens) and checks the length itself.
     """
     mapping = {**DEPT_TO_DIALECT, **parse_dialect_map(dialect_map)}
     if dialects is None and language == "bo":
@@ -120,7 +123,8 @@ def load_examples(spec: str, split: str = "train", *, language: str = "bo", stri
     else:
         raise SourceError(f"--data {spec!r}: not a known source; use demo, openpecha[:PATH], "
                           f"hf:NAME[:CONFIG][@SPLIT], hf:/local/dir, a .jsonl/.csv/.tsv manifest, or a directory")
-    good = validate_examples(rows, report, audio_check=audio_check, allowed_dialects=dialects, known_bad=known_bad)
+    good = validate_examples(rows, report, audio_check=audio_check, allowed_dialects=dialects, known_bad=known_bad,
+                             check_text_length=check_text_length)
     log.info(report.summary())
     if strict:
         report.raise_if_bad()

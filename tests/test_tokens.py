@@ -174,3 +174,22 @@ def test_evaluate_refuses_robustness_and_mixed_vocabularies_before_any_work(tmp_
         evaluate.main(["--adapter", a, "--robustness", "--out", str(tmp_path / "e")])
     with pytest.raises(SystemExit, match="error: --adapter a and --adapter b added different tokens"):
         evaluate.main(["--adapter", a, "--adapter", b, "--out", str(tmp_path / "e")])
+
+
+def test_rows_that_only_the_added_tokens_make_fit_are_kept(base_tokenizer):
+    from data.sources import Example
+    from data.validate import ValidationReport, validate_examples
+    from whisper_ft.text import extend_tokenizer
+    from whisper_ft.vocab import choose_tokens
+
+    long_row = max(fixture_rows(), key=lambda r: len(r["uni"]))  # ~30 s of text: over 448 positions by default
+    noise = torch.randn(16000).numpy() * 0.1
+    rows = [Example("long", noise, long_row["uni"], "utsang", "bo", 1.0),
+            Example("latin", noise, " ".join(f"q{i}z" for i in range(400)), "utsang", "bo", 1.0)]
+    kept = validate_examples(rows, ValidationReport("t"), check_text_length=True)
+    assert kept == []  # Whisper's tokenizer: both too long
+    kept = validate_examples(rows, ValidationReport("t"), check_text_length=False)
+    assert [e.id for e in kept] == ["long", "latin"]  # left for train.py to check with its tokenizer
+    extended = extend_tokenizer(base_tokenizer, choose_tokens("auto:500", [r["uni"] for r in fixture_rows()],
+                                                              base_tokenizer))
+    assert [e.id for e in train.drop_over_ctx(kept, extended)] == ["long"]  # Latin gains nothing from Tibetan tokens

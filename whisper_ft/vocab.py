@@ -101,6 +101,11 @@ def adapter_tokens(user_metadata: dict) -> tuple:
     return tuple(user_metadata.get("added_tokens") or ())
 
 
+def decoder_length(text: str, language: str, tokenizer) -> int:
+    """Decoder positions a target text takes: the prefix and its tokens (at most N_TEXT_CTX fit)."""
+    return len(prefix_tokens(tokenizer)) + len(tokenizer.encode(normalize_text(text, language)))
+
+
 def token_report(examples, tokenizers: dict) -> dict:
     """{name: {"rows", "tokens", "audio_s", "tokens_per_s", "over_ctx"}} of `examples` (their target text, `duration`)
     under each tokenizer: text tokens per second of audio, and rows whose decoder input (prefix + text) needs
@@ -108,7 +113,7 @@ def token_report(examples, tokenizers: dict) -> dict:
     out = {}
     for name, tok in tokenizers.items():
         n_prefix = len(prefix_tokens(tok))
-        lengths = [len(tok.encode(normalize_text(e.text, e.language))) for e in examples]
+        lengths = [decoder_length(e.text, e.language, tok) - n_prefix for e in examples]
         timed = [n for n, e in zip(lengths, examples) if e.duration]
         audio_s = sum(e.duration for e in examples if e.duration)
         out[name] = {"rows": len(lengths), "tokens": sum(lengths), "audio_s": round(audio_s, 1),
