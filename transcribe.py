@@ -133,7 +133,7 @@ def transcribe_all(model, tokenizer, plan: dict, args) -> dict:
     failed, counts, audio_s = [], dict.fromkeys(("windows", "looped_windows", "looped_after_fallback",
                                                  "no_speech_windows"), 0), 0.0
     started = time.time()
-    bar = tqdm(total=round(sum(s for s in seconds.values() if s), 1), unit="s", desc="audio", file=sys.stderr,
+    bar = tqdm(total=sum(s for s in seconds.values() if s), unit="s", desc="audio", file=sys.stderr,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]")
     for path, name in zip(paths, output_names(paths)):
         try:
@@ -142,14 +142,14 @@ def transcribe_all(model, tokenizer, plan: dict, args) -> dict:
         except AudioError as e:
             failed.append({"audio": path, "reason": e.reason})
             bar.write(f"failed {path}: {e.reason}")
-            bar.update(seconds[path] or 0)
+            Progress(bar, seconds[path] or 0.0).finish()
             continue
         system, dialect, prob = choose_system(wav, plan)
         set_active_adapter(model, None if system == "base" else system)
-        done = []
+        progress = Progress(bar, seconds[path] or 0.0)
         tr = transcribe_waveform(model, wav, tokenizer, audio_ctx=plan["audio_ctx"], batch_size=args.batch_size,
-                                 beam_size=args.beam_size, on_batch=lambda s: (done.append(s), bar.update(s)))
-        bar.update(max(0.0, (seconds[path] or 0) - sum(done)))
+                                 beam_size=args.beam_size, on_batch=progress.advance)
+        progress.finish()  # the pauses between windows count too
         record = {"audio": path, "duration": round(wav.size / SAMPLE_RATE, 3), "dialect": dialect,
                   "dialect_prob": prob, "system": system, **tr.to_json()}
         write_recording(args.out, name, tr.segments, plan["formats"])
@@ -162,6 +162,22 @@ def transcribe_all(model, tokenizer, plan: dict, args) -> dict:
     return {"files": len(paths), "transcribed": len(paths) - len(failed), "failed": failed,
             "audio_seconds": round(audio_s, 2), "seconds": round(elapsed, 2),
             "real_time_factor": round(elapsed / audio_s, 4) if audio_s else None, **counts}
+
+
+class Progress:
+    """Moves the bar over one recording's seconds as its windows are decoded, never past its length (which
+    came from the file's header, and can differ from the resampled audio by a sample)."""
+
+    def __init__(self, bar, seconds: float):
+        self.bar, self.left = bar, seconds
+
+    def advance(self, seconds: float) -> None:
+        step = min(seconds, self.left)
+        self.left -= step
+        self.bar.update(step)
+
+    def finish(self) -> None:
+        self.advance(self.left)
 
 
 def summary_line(s: dict) -> str:
