@@ -55,6 +55,7 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--reuse", action="store_true", help="score the transcribe.py run already in OUT/run")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     wav, placed = make_longform(demo_clips(), args.seconds, args.seed)
@@ -64,7 +65,8 @@ def main(argv=None):
            *[a for spec in args.adapter for a in ("--adapter", spec)],
            *(["--audio-ctx", args.audio_ctx] if args.audio_ctx else []), "--out", os.path.join(args.out, "run")]
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if not args.reuse:
+        subprocess.run(cmd, check=True)
     record = json.loads(open(os.path.join(args.out, "run", "transcripts.jsonl"), encoding="utf-8").readline())
     summary = json.load(open(os.path.join(args.out, "run", "summary.json"), encoding="utf-8"))
     clip_hyps, clip_seconds = clip_by_clip(args, placed)

@@ -17,7 +17,7 @@ from whisper_ft.audio import SAMPLE_RATE, read_audio  # noqa: E402
 
 
 def make_longform(clips: list, seconds: float = 180.0, seed: int = 0, pause=(0.5, 1.5)) -> tuple:
-    """(waveform [n] float32 16 kHz, [{id, text, dialect, start, end}]): clips in a seeded order (all of them
+    """(waveform [n] float32 16 kHz, [{id, text, dialect, audio, start, end}]): clips in a seeded order (all of them
     before any repeats), each followed by a pause drawn uniformly from `pause` seconds, until the audio is >= `seconds`.
 
     clips: [{"id", "text", "dialect", "audio" (a file path)}]; a few seconds of silence start the recording so the
@@ -31,7 +31,7 @@ def make_longform(clips: list, seconds: float = 180.0, seed: int = 0, pause=(0.5
             break
         c = clips[i]
         wav = read_audio(c["audio"])
-        placed.append({"id": c["id"], "text": c["text"], "dialect": c.get("dialect"),
+        placed.append({"id": c["id"], "text": c["text"], "dialect": c.get("dialect"), "audio": c["audio"],
                        "start": t / SAMPLE_RATE, "end": (t + wav.size) / SAMPLE_RATE})
         gap = np.zeros(int(rng.uniform(*pause) * SAMPLE_RATE), np.float32)
         parts += [wav, gap]
