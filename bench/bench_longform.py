@@ -5,7 +5,8 @@
 
 Builds the seeded >= 3 min recording of demo test clips joined with 0.5-1.5 s pauses (tests/longform.py), runs
 transcribe.py on it (the command is printed), decodes each clip alone with the same model, adapter and encoder
-context, and prints and writes OUT/bench.json. Both CERs score the clips' transcripts joined in order against the
+context (as evaluate.py does, and again with transcribe.py's beam retry of a looped clip), and prints and writes
+OUT/bench.json. The CERs score the clips' transcripts joined in order against the
 references joined the same way, so they differ only by what the cutting changed.
 """
 import argparse
@@ -28,23 +29,30 @@ from scoring.systems import load_systems, parse_adapters, parse_audio_ctx, train
 from training.setup import load_base  # noqa: E402
 from whisper_ft.audio import SAMPLE_RATE, log_mel, n_frames_of, read_audio  # noqa: E402
 from whisper_ft.decoding import decode  # noqa: E402
+from transcription.longform import FALLBACK_BEAM, MAX_TOKENS  # noqa: E402
 from whisper_ft.text import tokenizer_for  # noqa: E402
 
 
 def clip_by_clip(args, clips) -> tuple:
-    """(hypotheses, seconds): each clip decoded alone, greedy, as evaluate.py decodes with the adapter."""
+    """(hypotheses as evaluate.py decodes them, the same with a looped clip decoded again by beam search as
+    transcribe.py does, clips that looped, seconds): each clip decoded alone, greedy, with the adapter."""
     adapters, mixes = parse_adapters(args.adapter)
     model, fp = load_base(args.model, "cpu")
     load_systems(model, fp, adapters, mixes)
     model.eval()
     ctx = parse_audio_ctx(args.audio_ctx or trained_audio_ctx(adapters))
     tokenizer = tokenizer_for(model, "bo")
-    started, hyps = time.time(), []
+    started, plain, retried, looped = time.time(), [], [], 0
     for c in clips:
         wav = read_audio(c["audio"])
         mel = log_mel(wav)[:, :batch_frames(ctx, [n_frames_of(wav.size)])]
-        hyps.append(decode(model, mel[None], tokenizer, max_tokens=224)[0][0].text)
-    return hyps, time.time() - started
+        hyp = decode(model, mel[None], tokenizer, max_tokens=MAX_TOKENS)[0][0]
+        plain.append(hyp.text)
+        if hyp.looped:  # the retry transcribe.py makes, so the comparison isolates the cutting
+            looped += 1
+            hyp = decode(model, mel[None], tokenizer, beam_size=FALLBACK_BEAM, max_tokens=MAX_TOKENS)[0][0]
+        retried.append(hyp.text.rstrip("\ufffd"))
+    return plain, retried, looped, time.time() - started
 
 
 def main(argv=None):
@@ -69,7 +77,7 @@ def main(argv=None):
         subprocess.run(cmd, check=True)
     record = json.loads(open(os.path.join(args.out, "run", "transcripts.jsonl"), encoding="utf-8").readline())
     summary = json.load(open(os.path.join(args.out, "run", "summary.json"), encoding="utf-8"))
-    clip_hyps, clip_seconds = clip_by_clip(args, placed)
+    clip_hyps, clip_retried, clip_looped, clip_seconds = clip_by_clip(args, placed)
     ref = " ".join(c["text"] for c in placed)
     starts, ends = boundary_errors(placed, record["segments"])
     errors = starts + ends
@@ -77,6 +85,8 @@ def main(argv=None):
               "segments": len(record["segments"]),
               "cer_longform": score_utterance(ref, record["text"], "bo")["cer"],
               "cer_clip_by_clip": score_utterance(ref, " ".join(clip_hyps), "bo")["cer"],
+              "cer_clip_by_clip_with_retry": score_utterance(ref, " ".join(clip_retried), "bo")["cer"],
+              "clips_looped": clip_looped,
               "boundary_error_max_s": round(max(errors), 3), "boundary_error_mean_s": round(sum(errors) / len(errors), 3),
               "rtf_longform": summary["real_time_factor"], "rtf_clip_by_clip": round(clip_seconds / sum(
                   c["end"] - c["start"] for c in placed), 4),
