@@ -4,7 +4,7 @@
         --adapter amdo=/tmp/study_demo/mixed_then_lora_amdo/adapter.safetensors --out /tmp/longform
 
 Builds the seeded >= 3 min recording of demo test clips joined with 0.5-1.5 s pauses (tests/longform.py), runs
-transcribe.py on it (the command is printed), decodes each clip alone with the same model, adapter and encoder
+transcribe.py on it (the command is printed), decodes the clips by themselves with the same model, adapter and encoder
 context (as evaluate.py does, and again with transcribe.py's beam retry of a looped clip), and prints and writes
 OUT/bench.json. The CERs score the clips' transcripts joined in order against the
 references joined the same way, so they differ only by what the cutting changed.
@@ -35,7 +35,8 @@ from whisper_ft.text import tokenizer_for  # noqa: E402
 
 def clip_by_clip(args, clips) -> tuple:
     """(hypotheses as evaluate.py decodes them, the same with a looped clip decoded again by beam search as
-    transcribe.py does, clips that looped, seconds): each clip decoded alone, greedy, with the adapter."""
+    transcribe.py does, clips that looped, seconds): the clips decoded greedily in batches of --clip-batch, each
+    batch's mel cropped to its longest clip as evaluate.py's collator does (--clip-batch 1: each clip alone)."""
     adapters, mixes = parse_adapters(args.adapter)
     model, fp = load_base(args.model, "cpu")
     load_systems(model, fp, adapters, mixes)
@@ -43,15 +44,16 @@ def clip_by_clip(args, clips) -> tuple:
     ctx = parse_audio_ctx(args.audio_ctx or trained_audio_ctx(adapters))
     tokenizer = tokenizer_for(model, "bo")
     started, plain, retried, looped = time.time(), [], [], 0
-    for c in clips:
-        wav = read_audio(c["audio"])
-        mel = log_mel(wav)[:, :batch_frames(ctx, [n_frames_of(wav.size)])]
-        hyp = decode(model, mel[None], tokenizer, max_tokens=MAX_TOKENS)[0][0]
-        plain.append(hyp.text)
-        if hyp.looped:  # the retry transcribe.py makes, so the comparison isolates the cutting
-            looped += 1
-            hyp = decode(model, mel[None], tokenizer, beam_size=FALLBACK_BEAM, max_tokens=MAX_TOKENS)[0][0]
-        retried.append(hyp.text.rstrip("\ufffd"))
+    for i in range(0, len(clips), args.clip_batch):
+        wavs = [read_audio(c["audio"]) for c in clips[i:i + args.clip_batch]]
+        T = batch_frames(ctx, [n_frames_of(w.size) for w in wavs])
+        mel = torch.stack([log_mel(w)[:, :T] for w in wavs])
+        for j, hyp in enumerate(h[0] for h in decode(model, mel, tokenizer, max_tokens=MAX_TOKENS)):
+            plain.append(hyp.text)
+            if hyp.looped:  # the retry transcribe.py makes, so the comparison isolates the cutting
+                looped += 1
+                hyp = decode(model, mel[j:j + 1], tokenizer, beam_size=FALLBACK_BEAM, max_tokens=MAX_TOKENS)[0][0]
+            retried.append(hyp.text.rstrip("\ufffd"))
     return plain, retried, looped, time.time() - started
 
 
@@ -63,6 +65,7 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=180.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--clip-batch", type=int, default=16, help="clips per batch (evaluate.py's default 16)")
     p.add_argument("--reuse", action="store_true", help="score the transcribe.py run already in OUT/run")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -91,7 +94,7 @@ def main(argv=None):
               "rtf_longform": summary["real_time_factor"], "rtf_clip_by_clip": round(clip_seconds / sum(
                   c["end"] - c["start"] for c in placed), 4),
               **{k: summary[k] for k in ("windows", "looped_windows", "looped_after_fallback", "no_speech_windows")},
-              "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(), "command": cmd}
+              "clip_batch": args.clip_batch, "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(), "command": cmd}
     json.dump(result, open(os.path.join(args.out, "bench.json"), "w"), ensure_ascii=False, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "command"}))
 
