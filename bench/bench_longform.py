@@ -24,6 +24,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from longform import boundary_errors, demo_clips, make_longform  # noqa: E402
 
 from data.collate import batch_frames  # noqa: E402
+from lora.adapters import set_active_adapter  # noqa: E402
 from scoring.metrics import score_utterance  # noqa: E402
 from scoring.systems import load_systems, parse_adapters, parse_audio_ctx, trained_audio_ctx  # noqa: E402
 from training.setup import load_base  # noqa: E402
@@ -40,6 +41,7 @@ def clip_by_clip(args, clips) -> tuple:
     adapters, mixes = parse_adapters(args.adapter)
     model, fp = load_base(args.model, "cpu")
     load_systems(model, fp, adapters, mixes)
+    set_active_adapter(model, next(iter([*adapters, *mixes]), None))  # loading leaves every adapter off
     model.eval()
     ctx = parse_audio_ctx(args.audio_ctx or trained_audio_ctx(adapters))
     tokenizer = tokenizer_for(model, "bo")
