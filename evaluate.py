@@ -28,12 +28,12 @@ import torch
 from data.collate import Collator, SpeechDataset
 from data.sources import SourceError, add_data_args, data_options, limit_per_dialect, load_examples
 from data.validate import DataError
-from lora.adapters import audio_ctx_of, set_active_adapter
+from lora.adapters import set_active_adapter
 from research import robustness
 from scoring.evaluation import eval_batches, evaluate_systems, summarize, token_limit
 from scoring.metrics import term_recall
 from scoring.systems import (RESERVED, added_vocabulary, checkpoint_spec, fit_mix, load_systems, parse_adapters,
-                             parse_routes, system_name)
+                             parse_audio_ctx, parse_routes, system_name, trained_audio_ctx)
 from scoring.tables import format_table, format_terms, write_chart, write_results
 from training.setup import choose_device, language_of, load_base
 from whisper_ft.encoder import enable_dynamic_audio_ctx
@@ -113,32 +113,6 @@ def _source_name(spec: str) -> str:
     return Path(spec.rstrip("/")).stem or spec
 
 
-def _audio_ctx(value: str):
-    if value in ("full", "auto"):
-        return value
-    if not value.isdigit() or int(value) % 2 or not 0 < int(value) <= 3000:
-        raise SystemExit(f"error: --audio-ctx {value!r}: expected full, auto, or an even number of frames <= 3000")
-    return int(value)
-
-
-def trained_audio_ctx(adapters: dict) -> str:
-    """The encoder context the adapters were trained with (a model decodes best as it was trained: README), when
-    they agree; "full" without adapters. One line asking for --audio-ctx when they differ."""
-    found = {}
-    for name, path in adapters.items():
-        try:
-            found[name] = audio_ctx_of(path)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
-    if len(set(found.values())) > 1:
-        raise SystemExit(f"error: the adapters were trained with different --audio-ctx ({found}): pass --audio-ctx "
-                         "to choose the one to decode with")
-    ctx = next(iter(found.values()), "full")
-    if adapters:
-        print(f"audio ctx {ctx}: as the adapters were trained (--audio-ctx overrides)")
-    return ctx
-
-
 def _read_terms(path) -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -201,7 +175,7 @@ def check_args(args) -> dict:
         checkpoints[name] = checkpoint_spec(path)
     return {"sources": sources, "languages": languages, "adapters": adapters, "mixes": mixes,
             "routes": parse_routes(args.route, {**adapters, **mixes}), "checkpoints": checkpoints,
-            "audio_ctx": _audio_ctx(args.audio_ctx or trained_audio_ctx(adapters)), "terms": _read_terms(args.terms) if args.terms else None,
+            "audio_ctx": parse_audio_ctx(args.audio_ctx or trained_audio_ctx(adapters)), "terms": _read_terms(args.terms) if args.terms else None,
             "dialects": set(args.dialect.split(",")) if args.dialect else None}
 
 

@@ -89,6 +89,17 @@ class SpeechDataset(Dataset):
         return {"mel": log_mel(wav, self.n_mels), "n_frames": n_frames_of(wav.size), "example": ex}
 
 
+def batch_frames(audio_ctx, n_frames: list[int]) -> int:
+    """Mel frames a batch is cropped/padded to: 3000 for "full"; for "auto" its longest clip rounded up to
+    AUTO_MULTIPLE; an int as given."""
+    if audio_ctx == "full":
+        return N_FRAMES
+    if audio_ctx == "auto":
+        longest = max(max(n_frames), 1)
+        return min(N_FRAMES, math.ceil(longest / AUTO_MULTIPLE) * AUTO_MULTIPLE)
+    return audio_ctx
+
+
 class Collator:
     """List of SpeechDataset items -> Batch (None items are dropped; an all-None batch gives None).
 
@@ -106,12 +117,7 @@ class Collator:
         self.tokenizer, self.n_mels, self.audio_ctx, self.task = tokenizer, n_mels, audio_ctx, task
 
     def frames_for(self, n_frames: list[int]) -> int:
-        if self.audio_ctx == "full":
-            return N_FRAMES
-        if self.audio_ctx == "auto":
-            longest = max(max(n_frames), 1)
-            return min(N_FRAMES, math.ceil(longest / AUTO_MULTIPLE) * AUTO_MULTIPLE)
-        return self.audio_ctx
+        return batch_frames(self.audio_ctx, n_frames)
 
     def __call__(self, items) -> Batch | None:
         kept = [it for it in items if it is not None]

@@ -3,7 +3,7 @@ checked before any work, and the adapters (files and compositions) loaded into t
 """
 import os
 
-from lora.adapters import AdapterMismatchError, load_adapter, read_adapter_metadata
+from lora.adapters import AdapterMismatchError, audio_ctx_of, load_adapter, read_adapter_metadata
 from lora.compose import compose, parse_mix
 from lora.inject import remove_adapter, set_active_adapter
 from lora.layers import check_adapter_name
@@ -105,6 +105,33 @@ def parse_routes(values, adapters: dict) -> dict:
                              f"{sorted(adapters) or 'none'}")
         routes[dialect] = name
     return routes
+
+
+def parse_audio_ctx(value: str):
+    """--audio-ctx: "full", "auto", or an even number of frames <= 3000; one line otherwise."""
+    if value in ("full", "auto"):
+        return value
+    if not value.isdigit() or int(value) % 2 or not 0 < int(value) <= 3000:
+        raise SystemExit(f"error: --audio-ctx {value!r}: expected full, auto, or an even number of frames <= 3000")
+    return int(value)
+
+
+def trained_audio_ctx(adapters: dict) -> str:
+    """The encoder context the adapters were trained with (a model decodes best as it was trained: README), when
+    they agree; "full" without adapters. One line asking for --audio-ctx when they differ."""
+    found = {}
+    for name, path in adapters.items():
+        try:
+            found[name] = audio_ctx_of(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --adapter {name}={path}: {e}") from None
+    if len(set(found.values())) > 1:
+        raise SystemExit(f"error: the adapters were trained with different --audio-ctx ({found}): pass --audio-ctx "
+                         "to choose the one to decode with")
+    ctx = next(iter(found.values()), "full")
+    if adapters:
+        print(f"audio ctx {ctx}: as the adapters were trained (--audio-ctx overrides)")
+    return ctx
 
 
 def checkpoint_spec(path: str) -> str:

@@ -61,15 +61,16 @@ def sndfile_reason(e: Exception, name: str) -> str:
     return str(e).replace(f"Error opening {name!r}: ", "").strip() or type(e).__name__
 
 
-def check_waveform(wav: np.ndarray, name="<array>") -> None:
-    """Raise AudioError(reason) for a clip Whisper cannot learn from: empty, non-finite, silent, > 30 s."""
+def check_waveform(wav: np.ndarray, name="<array>", max_samples: int | None = N_SAMPLES) -> None:
+    """Raise AudioError(reason) for a clip Whisper cannot learn from: empty, non-finite, silent, > 30 s.
+    max_samples=None accepts any length (long recordings are cut into windows by their reader)."""
     if wav.size == 0:
         raise AudioError(name, "empty audio (0 samples)", "empty")
     if not np.all(np.isfinite(wav)):
         raise AudioError(name, "non-finite samples (NaN or inf)", "non_finite")
     if float(np.max(np.abs(wav))) < 1e-4:  # about -80 dBFS: digital silence or a dead microphone
         raise AudioError(name, "silent audio (peak below 1e-4)", "silent")
-    if wav.size > N_SAMPLES:
+    if max_samples is not None and wav.size > max_samples:
         raise AudioError(name, f"longer than 30 s ({wav.size / SAMPLE_RATE:.1f} s): Whisper sees one 30 s window",
                          "too_long")
 

@@ -207,6 +207,19 @@ def decode(model, mel: Optional[torch.Tensor], tokenizer, *, beam_size: int = 1,
                   length_penalty, loop_guard)
 
 
+@torch.no_grad()
+def no_speech_probs(model, audio_features: torch.Tensor, tokenizer) -> List[float]:
+    """P(<|nospeech|>) per clip, as whisper computes it: the softmax at the <|startoftranscript|> position of
+    the forced prefix (one decoder pass over the prefix, no cache). 0.0 for a model without that token."""
+    _check_tokenizer(model, tokenizer)
+    if tokenizer.no_speech is None:
+        return [0.0] * audio_features.shape[0]
+    xa = audio_features.to(model.device, _model_dtype(model))
+    prefix = torch.tensor([_prefix(tokenizer, False)] * xa.shape[0], device=xa.device)
+    logits = model.decoder(prefix, xa)[:, list(tokenizer.sot_sequence).index(tokenizer.sot)]
+    return logits.float().softmax(dim=-1)[:, tokenizer.no_speech].tolist()
+
+
 def _hypothesis(tokenizer, tokens, sum_logprob, looped, truncated) -> Hypothesis:
     text = tokenizer.decode(tokens).strip()
     looped = looped or is_looping(tokens, text)
