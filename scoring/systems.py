@@ -9,7 +9,7 @@ from lora.inject import remove_adapter, set_active_adapter
 from lora.layers import check_adapter_name
 from scoring.evaluation import evaluate_systems
 
-RESERVED = ("base", "routed")
+RESERVED = ("base", "routed", "routed-auto")
 
 
 def parse_adapters(values) -> tuple[dict, dict]:

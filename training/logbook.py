@@ -41,7 +41,13 @@ def open_writer(run_dir: str, is_main: bool):
 
 
 def log_eval(tb, system: str, result: dict, step: int) -> None:
-    """eval_SYSTEM/DIALECT/{cer,wer,ser} scalars (macro average included) and a few examples as text."""
+    """eval_SYSTEM/DIALECT/{cer,wer,ser} scalars (macro average included) and a few examples as text; for a
+    dialect-ID evaluation, eval_SYSTEM/accuracy and eval_SYSTEM/DIALECT/recall."""
+    if "accuracy" in result:
+        tb.add_scalar(f"eval_{system}/accuracy", result["accuracy"], step)
+        for dialect, recall in result["recall"].items():
+            tb.add_scalar(f"eval_{system}/{dialect}/recall", recall, step)
+        return
     for dialect, m in result.items():
         if not isinstance(m, dict) or dialect == "_micro":
             continue
