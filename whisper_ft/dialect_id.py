@@ -1,7 +1,8 @@
 """Dialect identification on Whisper's encoder: a small trained head, its file, and the routing rule.
 
-After Voxlect (arXiv 2508.01691): a learned weighted sum of the encoder's layer outputs -> conv1d -> mean over
-the clip's own positions -> MLP. The encoder stays frozen (only the head trains), runs at the clip's own
+After Voxlect (arXiv 2508.01691): a learned weighted sum of the encoder's layer outputs -> conv1d -> mean and
+standard deviation over the clip's own positions (statistics pooling, as x-vectors: on the demo the std told
+Utsang from Kham better than the mean alone) -> MLP. The encoder stays frozen (only the head trains), runs at the clip's own
 context (never the 30 s padding) and only through the first `n_layers` blocks the head was built for, so
 identifying a clip costs a fraction of one encoder pass.
 
@@ -45,7 +46,7 @@ class DialectHead(nn.Module):
         self.kernel_size, self.dropout = kernel_size, dropout
         self.layer_weights = nn.Parameter(torch.zeros(n_layers + 1))  # softmax: equal weights to start
         self.conv = nn.Conv1d(n_state, n_hidden, kernel_size, padding=kernel_size // 2)
-        self.mlp = nn.Sequential(nn.Linear(n_hidden, n_hidden), nn.GELU(), nn.Dropout(dropout),
+        self.mlp = nn.Sequential(nn.Linear(2 * n_hidden, n_hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(n_hidden, len(labels)))
         self.metadata: dict = {}  # what the file recorded beyond the weights (training, accuracy)
 
@@ -62,9 +63,11 @@ class DialectHead(nn.Module):
         w = self.layer_weights.softmax(0)
         x = (w[:, None, None, None] * F.layer_norm(states, states.shape[-1:])).sum(0)  # [B, T, C]
         x = F.gelu(self.conv(x.transpose(1, 2)))  # [B, H, T]
-        mask = (torch.arange(x.shape[-1], device=x.device) < n_positions.to(x.device)[:, None]).to(x.dtype)
-        pooled = (x * mask[:, None]).sum(-1) / mask.sum(-1, keepdim=True).clamp(min=1)  # the clip's positions only
-        return self.mlp(pooled)
+        mask = (torch.arange(x.shape[-1], device=x.device) < n_positions.to(x.device)[:, None]).to(x.dtype)[:, None]
+        n = mask.sum(-1).clamp(min=1)  # the clip's positions only
+        mean = (x * mask).sum(-1) / n
+        std = ((((x - mean[..., None]) ** 2) * mask).sum(-1) / n + 1e-5).sqrt()
+        return self.mlp(torch.cat([mean, std], -1))
 
 
 class DialectClassifier(nn.Module):
