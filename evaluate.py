@@ -7,7 +7,11 @@
 Systems in one run: `base`; each `--checkpoint` (a fully fine-tuned model, or a run directory holding model.pt);
 each `--adapter NAME=PATH` on the base; and `routed`, where each utterance is decoded with the adapter named
 after its own dialect (or the one `--route DIALECT=NAME` picks; the base where there is none), so dialects
-without an adapter keep the base's accuracy by construction.
+without an adapter keep the base's accuracy by construction. With `--dialect-id PATH` (a train.py --task
+dialect-id head), the head's accuracy, per-dialect recall and confusion matrix are added (results.json
+`_dialect_id`, results.md), and `routed-auto`: each utterance decoded with the adapter of its *predicted*
+dialect, or with `--route-fallback` (base, mix: the uniform composition of the adapter files, or an --adapter
+name) where no adapter is for that dialect or its probability is under `--route-threshold`.
 
 With one `--data` source the rows are its dialects; with several, each row is `SOURCE/dialect`, where SOURCE
 is the name given as `--data NAME=SPEC` (default: the spec's file or directory name), and the table adds a
@@ -29,13 +33,15 @@ from data.collate import Collator, SpeechDataset
 from data.sources import SourceError, add_data_args, data_options, limit_per_dialect, load_examples
 from data.validate import DataError
 from lora.adapters import set_active_adapter
+from lora.compose import compose
 from research import robustness
-from scoring.evaluation import eval_batches, evaluate_systems, summarize, token_limit
-from scoring.metrics import term_recall
+from scoring.evaluation import Routed, eval_batches, evaluate_systems, identify, summarize, token_limit
+from scoring.metrics import classification_summary, term_recall
 from scoring.systems import (RESERVED, added_vocabulary, checkpoint_spec, fit_mix, load_systems, parse_adapters,
                              parse_audio_ctx, parse_routes, system_name, trained_audio_ctx)
-from scoring.tables import format_table, format_terms, write_chart, write_results
+from scoring.tables import format_dialect_id, format_table, format_terms, write_chart, write_results
 from training.setup import choose_device, language_of, load_base
+from whisper_ft.dialect_id import choose_route, load_dialect_id, predict_dialect
 from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
 from whisper_ft.text import tokenizer_for
@@ -69,6 +75,15 @@ def parse_args(argv=None):
     p.add_argument("--dialect", default=None, help="only these dialects (comma-separated)")
     p.add_argument("--max-samples", type=int, default=None, help="clips per dialect (default: all)")
     p.add_argument("--no-routed", action="store_true", help="do not add the routed system")
+    p.add_argument("--dialect-id", default=None, metavar="PATH",
+                   help="dialect-ID head (dialect_id.safetensors, or a train.py --task dialect-id run directory): "
+                        "scores it and, with adapters, adds routed-auto (each clip routed by its predicted dialect)")
+    p.add_argument("--route-threshold", type=float, default=None, metavar="P",
+                   help="routed-auto: a clip whose predicted dialect has probability under P goes to the fallback (default 0)")
+    p.add_argument("--route-fallback", default=None, metavar="base|mix|NAME",
+                   help="routed-auto: the system for a clip with no adapter for its predicted dialect or under the "
+                        "threshold: base, mix (uniform composition of the --adapter files), or an --adapter name "
+                        "(default mix)")
     p.add_argument("--systems", default=None, metavar="NAME,...",
                    help="decode only these systems (e.g. routed), skipping the others (default: all)")
     p.add_argument("--terms", help="file of domain terms, one per line: reports the recall of each per system")
@@ -141,16 +156,21 @@ def run(args, argv) -> dict:
     data, skipped = load_data(plan, args)
     model, base_fp = load_base(args.model, device, base_8bit=args.base_8bit)
     model.to(device)
-    systems, checkpoints, route, mixes = choose_systems(model, base_fp, plan, data, args, device)
-    records, robust, failures = decode_all(model, systems, checkpoints, data, args, plan["audio_ctx"], device)
+    head = load_head(plan["dialect_id"], base_fp, device)
+    systems, checkpoints, route, mixes = choose_systems(model, base_fp, plan, data, args, device, head)
+    decode_s = {}
+    records, robust, failures = decode_all(model, systems, checkpoints, data, args, plan["audio_ctx"], device, decode_s)
     results = tabulate(records, robust, data, [*systems, *checkpoints], plan["terms"])
+    if head is not None:
+        results["_dialect_id"] = score_dialect_id(model, head, records, data, args, plan, device)
     for name, s in skipped.items():
         s["at_load"] = failures.get(name, {})
     meta = {"model": args.model, "fingerprint": base_fp, "base_8bit": args.base_8bit, "adapters": plan["adapters"],
             "mixes": mixes, "audio_ctx": plan["audio_ctx"],
             "routes": route if "routed" in systems else {}, "checkpoints": checkpoints, "data": dict(plan["sources"]),
             "languages": dict(zip([n for n, _ in plan["sources"]], plan["languages"])),
-            "skipped": summarize_skipped(skipped), "argv": argv}
+            "skipped": summarize_skipped(skipped), "argv": argv,
+            "decode_s": {k: round(v, 2) for k, v in decode_s.items()}}
     write_all(args.out, results, records, robust, meta)
     return results
 
@@ -174,9 +194,34 @@ def check_args(args) -> dict:
             raise SystemExit(f"error: --checkpoint {path}: system name {name!r} is already taken; rename the file")
         checkpoints[name] = checkpoint_spec(path)
     return {"sources": sources, "languages": languages, "adapters": adapters, "mixes": mixes,
+            "dialect_id": check_dialect_id(args, {**adapters, **mixes}),
             "routes": parse_routes(args.route, {**adapters, **mixes}), "checkpoints": checkpoints,
             "audio_ctx": parse_audio_ctx(args.audio_ctx or trained_audio_ctx(adapters)), "terms": _read_terms(args.terms) if args.terms else None,
             "dialects": set(args.dialect.split(",")) if args.dialect else None}
+
+
+def check_dialect_id(args, adapters: dict) -> dict | None:
+    """{path, threshold, fallback} of --dialect-id and its routing flags, or None without --dialect-id."""
+    if args.dialect_id is None:
+        given = [f for f, v in (("--route-threshold", args.route_threshold), ("--route-fallback", args.route_fallback))
+                 if v is not None]
+        if given:
+            raise SystemExit(f"error: {given[0]} is for routed-auto: add --dialect-id PATH (a dialect-ID head)")
+        return None
+    path = args.dialect_id
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dialect_id.safetensors")):
+        path = os.path.join(path, "dialect_id.safetensors")  # a train.py --task dialect-id run directory
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --dialect-id {args.dialect_id}: no such file (pass the dialect_id.safetensors of a "
+                         "train.py --task dialect-id run, or its run directory)")
+    threshold = 0.0 if args.route_threshold is None else args.route_threshold
+    if not 0 <= threshold <= 1:
+        raise SystemExit(f"error: --route-threshold {threshold}: must be a probability in [0, 1]")
+    fallback = args.route_fallback or "mix"
+    if fallback not in ("base", "mix") and fallback not in adapters:
+        raise SystemExit(f"error: --route-fallback {fallback}: expected base, mix or an --adapter name "
+                         f"({', '.join(sorted(adapters)) or 'none given'})")
+    return {"path": path, "threshold": threshold, "fallback": fallback}
 
 
 def load_data(plan: dict, args) -> tuple[list, dict]:
@@ -202,7 +247,7 @@ def load_data(plan: dict, args) -> tuple[list, dict]:
     return data, skipped
 
 
-def choose_systems(model, base_fp, plan: dict, data: list, args, device):
+def choose_systems(model, base_fp, plan: dict, data: list, args, device, head=None):
     """({system: activate(dialect)} on the base model, {checkpoint system: spec}, {dialect: adapter or None}).
 
     The adapters are loaded into the base model here; `activate` switches to a system's adapter (none for
@@ -226,6 +271,8 @@ def choose_systems(model, base_fp, plan: dict, data: list, args, device):
             print(f"note: routing uses no dialect for adapters {unused} (dialects: {found}); use --route DIALECT=NAME")
         print("routed: " + ", ".join(f"{d} -> {a or 'base'}" for d, a in route.items()))
         systems["routed"] = lambda d: set_active_adapter(model, route.get(d))
+    if head is not None and adapters:
+        systems["routed-auto"] = routed_auto(model, head, adapters, list(plan["adapters"]), routes, plan["dialect_id"])
     if args.systems:  # checked here, where every system's name is known
         wanted = [s for s in args.systems.split(",") if s]
         unknown = sorted(set(wanted) - set(systems) - set(checkpoints))
@@ -235,6 +282,57 @@ def choose_systems(model, base_fp, plan: dict, data: list, args, device):
         systems = {k: v for k, v in systems.items() if k in wanted}
         checkpoints = {k: v for k, v in checkpoints.items() if k in wanted}
     return systems, checkpoints, route, mixes
+
+
+def load_head(spec: dict | None, base_fp: str, device):
+    """The --dialect-id head (None without it); one line when it is not one, or is for another base."""
+    if spec is None:
+        return None
+    try:
+        head = load_dialect_id(spec["path"], base_fingerprint=base_fp, device=device)
+    except ValueError as e:
+        raise SystemExit(f"error: --dialect-id: {e}") from None
+    print(f"dialect ID {spec['path']}: labels {head.labels}, {head.n_layers} encoder blocks")
+    return head
+
+
+def routed_auto(model, head, adapters: list, files: list, routes: dict, spec: dict) -> Routed:
+    """routed-auto: each clip's dialect predicted by `head` on the base's encoder, then the clip decoded with that
+    dialect's adapter (--route DIALECT=NAME, else the adapter named after it) or with the fallback."""
+    route = {d: routes.get(d, d) for d in head.labels if routes.get(d, d) in adapters}
+    states = {"base": lambda: set_active_adapter(model, None)}
+    states.update({a: (lambda a=a: set_active_adapter(model, a)) for a in adapters})
+    fallback, threshold = spec["fallback"], spec["threshold"]
+    if fallback == "mix" and "mix" not in adapters:
+        compose(model, "_route_mix", {a: 1 / len(files) for a in files})
+        states["mix"] = lambda: set_active_adapter(model, "_route_mix")
+    print("routed-auto: " + ", ".join(f"{d} -> {route.get(d, fallback)}" for d in head.labels)
+          + f"; below probability {threshold:g}: {fallback}")
+
+    def choose(batch, mel):
+        set_active_adapter(model, None)  # the head reads the encoder of the base it was trained on
+        picks = [choose_route(p, head.labels, route, threshold=threshold, fallback=fallback)
+                 for p in predict_dialect(model, head, mel, batch.n_frames)]
+        return [(system, {"predicted": label, "prob": round(prob, 4), "route": system}) for system, label, prob in picks]
+    return Routed(choose, states)
+
+
+def score_dialect_id(model, head, records, data, args, plan, device) -> dict:
+    """The head's accuracy, recall per dialect and confusion matrix on the test clips: from routed-auto's
+    predictions where it was decoded, else from a pass of the head alone."""
+    rows = [r for r in records if r["system"] == "routed-auto"]
+    if not rows:
+        set_active_adapter(model, None)
+        for name, language, examples in data:
+            collator = Collator(tokenizer_for(model, language), n_mels=model.dims.n_mels, audio_ctx=plan["audio_ctx"])
+            rows += identify(model, head, SpeechDataset(examples, n_mels=model.dims.n_mels), collator,
+                             batch_size=args.batch_size, device=device)
+    summary = classification_summary([r["dialect"] for r in rows], [r["predicted"] for r in rows], head.labels)
+    unknown = sorted(set(summary["recall"]) - set(head.labels))
+    if unknown:
+        summary["note"] = f"the head has no label for {', '.join(unknown)} (recall 0 by definition)"
+    routes_used = Counter(r["route"] for r in rows if "route" in r)
+    return {**summary, **plan["dialect_id"], "routes_used": dict(routes_used)}
 
 
 def fit_on(model, name, terms, args, plan, device) -> dict:
@@ -266,9 +364,10 @@ def models_to_decode(model, systems: dict, checkpoints: dict, audio_ctx, device)
         yield other, {system: lambda d: None}
 
 
-def decode_all(model, systems, checkpoints, data, args, audio_ctx, device):
+def decode_all(model, systems, checkpoints, data, args, audio_ctx, device, decode_s=None):
     """The one decode loop: every system on every test set. Returns the per-utterance records, the NPRR records
-    (with --robustness) and, per source, the clips that failed to load (by reason)."""
+    (with --robustness) and, per source, the clips that failed to load (by reason); `decode_s`, when given,
+    gets each system's decoding seconds."""
     records, robust, failures = [], [], {}
     for m, group in models_to_decode(model, systems, checkpoints, audio_ctx, device):
         for name, language, examples in data:
@@ -277,7 +376,8 @@ def decode_all(model, systems, checkpoints, data, args, audio_ctx, device):
             dataset = SpeechDataset(examples, n_mels=m.dims.n_mels)
             collator = Collator(tokenizer, n_mels=m.dims.n_mels, audio_ctx=audio_ctx)
             _, recs = evaluate_systems(m, dataset, collator, tokenizer, group, language=language,
-                                       batch_size=args.batch_size, beam_size=args.beam_size, device=device)
+                                       batch_size=args.batch_size, beam_size=args.beam_size, device=device,
+                                       timings=decode_s)
             records += [dict(r, data=name) for r in recs]
             failures.setdefault(name, dict(dataset.failures))
             if args.robustness:
@@ -292,6 +392,10 @@ def nprr_records(model, dataset, collator, tokenizer, language, systems, args, d
     max_tokens = token_limit(dataset, tokenizer)
     out = []
     for system, activate in systems.items():
+        if isinstance(activate, Routed):
+            print(f"note: --robustness leaves out {system} (it routes per utterance)")
+            continue
+
         def activated():
             for dialect, batch in eval_batches(dataset, collator, args.batch_size):
                 activate(dialect)
@@ -345,6 +449,10 @@ def write_all(out, results, records, robust, meta) -> None:
     write_results(out, results, records, meta)
     write_chart(out, results)
     print(format_table(results))
+    if "_dialect_id" in results:
+        print("\n" + format_dialect_id(results["_dialect_id"]))
+    if meta.get("decode_s"):
+        print("decoding time: " + ", ".join(f"{k} {v:.1f} s" for k, v in meta["decode_s"].items()))
     terms = format_terms(results)
     if terms:
         print("\n" + terms)

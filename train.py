@@ -4,6 +4,7 @@
     python train.py --mode lora --dialect amdo       # one adapter for one dialect
     python train.py --mode full --dialect balanced --model tiny --data openpecha
     python train.py --resume runs/2026-12-02_1700    # continue exactly where a run stopped
+    python train.py --task dialect-id --dialect balanced    # a dialect classifier on the frozen encoder
 
 Every flag has a default; `--config FILE.json` supplies values for any of them, flags on the command line
 win. The resolved configuration is written to RUN_DIR/config.json, and everything the run writes
@@ -33,8 +34,9 @@ from lora.adapters import save_adapter, set_active_adapter
 from lora.inject import count_parameters, describe_trainable, mark_only_lora_trainable
 from lora.int8 import storage_bytes
 from lora.rank import STRATEGIES, apply_rank_strategy
-from scoring.evaluation import evaluate_systems
-from scoring.tables import format_table, write_results
+from scoring.evaluation import evaluate_systems, identify
+from scoring.metrics import classification_summary
+from scoring.tables import format_dialect_id, format_table, write_results
 from training import checkpoint as ckpt
 from training.augment import add_augment_args, augment_from_args
 from training.dist import all_sum, init_distributed, wrap_ddp
@@ -45,6 +47,7 @@ from training.rundir import open_run_dir, resume_config
 from training.setup import add_tokens, autocast_for, choose_device, language_of, load_base, select_dialects
 from training.specaugment import add_specaugment_args, make_generator, specaugment_from_args
 from training.state import TrainState
+from whisper_ft.dialect_id import DialectClassifier, DialectHead, save_dialect_id
 from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.models import ModelSpecError, export_openai
 from whisper_ft.text import N_TEXT_CTX, extend_tokenizer, normalize_text, tokenizer_for
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add tokens to the vocabulary: the N most frequent syllables of the training text, or a file "
                         "of tokens one per line (shorter Tibetan targets; saved with the adapter or model)")
     g = p.add_argument_group("optimisation")
+    g.add_argument("--task", default="asr", choices=["asr", "dialect-id"],
+                   help="asr: transcribe (LoRA or full); dialect-id: a classifier head on the frozen encoder")
     g.add_argument("--mode", default="lora", choices=["lora", "full"])
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -117,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-spec", default=None, help="mixed: e.g. encoder=8,decoder=32")
     g.add_argument("--warmup-r", type=int, default=None, help="warmup: the high rank trained first")
     g.add_argument("--switch-step", type=int, default=None, help="warmup: step at which to truncate to r")
+    g = p.add_argument_group("dialect identification (--task dialect-id)")
+    g.add_argument("--head-layers", type=int, default=None,
+                   help="encoder blocks the head reads (the first K; fewer run faster when routing); default all")
+    g.add_argument("--head-hidden", type=int, default=256, help="the head's conv1d channels and MLP width")
     g = p.add_argument_group("augmentation (training only)")
     add_specaugment_args(g)
     add_augment_args(g)
@@ -175,7 +184,8 @@ _VALID = {"batch_size": (lambda v: v >= 1, "a positive integer"), "grad_accum": 
           "eval_samples": (lambda v: v >= 1, "a positive integer"), "eval_batch_size": (lambda v: v >= 1, "a positive integer"),
           "beam_size": (lambda v: v >= 1, "a positive integer"), "save_every": (lambda v: v >= 0, "0 or more"),
           "keep_last": (lambda v: v >= 1, "a positive integer"), "log_every": (lambda v: v >= 1, "a positive integer"),
-          "num_workers": (lambda v: v >= 0, "0 or more"), "temperature": (lambda v: v > 0, "a positive number")}
+          "num_workers": (lambda v: v >= 0, "0 or more"), "temperature": (lambda v: v > 0, "a positive number"),
+          "head_layers": (lambda v: v >= 0, "0 or more"), "head_hidden": (lambda v: v >= 1, "a positive integer")}
 
 
 def check_values(args) -> None:
@@ -198,6 +208,27 @@ def check_values(args) -> None:
     if args.freeze_encoder and args.mode == "lora":
         raise SystemExit("error: --freeze-encoder is for --mode full (LoRA already freezes the base); to train no "
                          "encoder adapter, give decoder targets, e.g. --lora-targets 'decoder\\..*\\.(query|value)'")
+    check_task(args)
+
+
+# flags of the ASR task that a dialect-ID head (the base frozen, no LoRA) has no use for
+_ASR_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora", "rank_strategy", "rank_spec",
+             "warmup_r", "switch_step", "base_8bit", "freeze_encoder", "grad_checkpointing", "beam_size",
+             "add_tokens")
+
+
+def check_task(args) -> None:
+    """One line for a flag the chosen --task cannot use (set on the command line or in --config)."""
+    defaults = {a.dest: a.default for a in build_parser()._actions}
+    if args.task == "dialect-id":
+        used = [k for k in _ASR_ONLY if getattr(args, k) != defaults[k]]
+        if used:
+            raise SystemExit(f"error: --{used[0].replace('_', '-')} does not apply to --task dialect-id (it trains a "
+                             "head on the frozen base, without LoRA): drop it")
+        if args.mode != "lora":
+            raise SystemExit("error: --mode full does not apply to --task dialect-id (the base stays frozen): drop it")
+    elif args.head_layers is not None or args.head_hidden != defaults["head_hidden"]:
+        raise SystemExit("error: --head-layers / --head-hidden are for --task dialect-id: drop them, or add --task dialect-id")
 
 
 @dataclass
@@ -221,6 +252,7 @@ class Run:
     loader: Any
     eval_dataset: Any
     eval_collator: Any
+    labels: list  # the training dialects, sorted: a dialect-ID head's classes
     spec_augment: Any
     autocast: Any
     scaler: Any
@@ -256,7 +288,8 @@ def main(argv=None, on_eval=None) -> dict:
     tokenizer = tokenizer_for(model, language)
     data = build_data(args, model, tokenizer, language, rank, world)
     total_steps = args.max_steps or math.ceil(data["micro_per_epoch"] * args.epochs / args.grad_accum)
-    adapter_name, rank_hook = prepare_model(model, args, total_steps, device, data.pop("added_tokens"), tokenizer)
+    model, adapter_name, rank_hook = prepare_model(model, args, total_steps, device, data["labels"],
+                                                   data.pop("added_tokens"), tokenizer)
     peak_lr = args.lr or (1e-3 if args.mode == "lora" else 1e-5)
     autocast, amp_dtype, use_scaler = autocast_for(args.amp, device)
     run = Run(args=args, config=config, run_dir=run_dir, device=device, rank=rank, world=world, model=model,
@@ -296,7 +329,7 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
         loss, dialect_loss = accumulate(run.train_model, batches, autocast=run.autocast, scaler=run.scaler,
                                         spec_augment=run.spec_augment, seed=args.seed, step=state.step,
                                         device=run.device, regularizer=getattr(run.rank_hook, "regularizer", None),
-                                        world=run.world)
+                                        world=run.world, task=args.task)
         samples += sum(len(b) for b in batches)
         audio_s += sum(float(b.n_frames.sum()) for b in batches) / 100
 
@@ -348,17 +381,18 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
 
 
 def accumulate(model, batches, *, autocast, scaler, spec_augment=None, seed=0, step=0, device="cpu",
-               regularizer=None, world=1) -> tuple[float, dict]:
-    """Forward and backward over one optimizer step's micro-batches; returns the step's loss, and the
-    cross-entropy of each dialect's clips ({dialect: mean over its target tokens}, this process's clips only).
+               regularizer=None, world=1, task="asr") -> tuple[float, dict]:
+    """Forward and backward over one optimizer step's micro-batches; returns the step's loss, and the loss of
+    each dialect's clips ({dialect: mean over its units}, this process's clips only).
 
     The loss is the mean over every target token of the step, not a mean of per-micro-batch means:
     micro-batches hold different numbers of tokens, and only this makes 4x2 equal to a batch of 8.
     Under DDP the token count is summed over ranks and the loss multiplied by the world size, since DDP
     averages gradients: 2 processes of batch B then equal one process of batch 2B.
+    For --task dialect-id the loss is the mean over the step's clips of the cross-entropy of their dialect.
     """
-    n_tokens = max(1, all_sum(sum(int((b.targets != -100).sum()) for b in batches), world))
-    total, by_dialect = 0.0, {}  # dialect -> (summed token loss, tokens)
+    n_units = max(1, all_sum(sum(int(loss_units(b, task).sum()) for b in batches), world))
+    total, by_dialect = 0.0, {}  # dialect -> (summed loss, units)
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         mel = batch.mel
@@ -369,20 +403,33 @@ def accumulate(model, batches, *, autocast, scaler, spec_augment=None, seed=0, s
         sync = nullcontext() if world == 1 or i == len(batches) - 1 else model.no_sync()
         with sync:
             with autocast:
-                logits = model(mel, batch.decoder_input)
-            # flattened to [tokens, vocab]: the [B, vocab, T] layout takes a strided path 5-10x slower
-            token_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=-100,
-                                         reduction="none")  # 0 where ignored; kept per token for the per-dialect sums
-            loss = token_loss.sum() / n_tokens
+                logits = model(mel, batch.n_frames if task == "dialect-id" else batch.decoder_input)
+            unit_loss = unit_losses(logits, batch, task)  # 0 where ignored; kept per unit for the per-dialect sums
+            del logits  # backward needs only what cross-entropy saved: the [B, T, vocab] logits can go now
+            loss = unit_loss.sum() / n_units
             if regularizer is not None:
                 loss = loss + regularizer() / len(batches)
             scaler.scale(loss * world).backward()
         total += loss.item()
-        clip_sums = token_loss.detach().view(len(batch), -1).sum(1).tolist()
-        for dialect, summed, n in zip(batch.dialects, clip_sums, (batch.targets != -100).sum(1).tolist()):
+        clip_sums = unit_loss.detach().view(len(batch), -1).sum(1).tolist()
+        for dialect, summed, n in zip(batch.dialects, clip_sums, loss_units(batch, task).tolist()):
             prev = by_dialect.get(dialect, (0.0, 0))
             by_dialect[dialect] = (prev[0] + summed, prev[1] + n)
     return all_sum(total, world), {d: summed / max(n, 1) for d, (summed, n) in sorted(by_dialect.items())}
+
+
+def loss_units(batch, task: str) -> torch.Tensor:
+    """Per clip, what a step's loss is the mean over: its target tokens (asr), or 1 for a clip of a known dialect
+    (dialect-id)."""
+    return ((batch.dialect_ids if task == "dialect-id" else batch.targets) != -100).view(len(batch), -1).sum(1)
+
+
+def unit_losses(logits, batch, task: str) -> torch.Tensor:
+    """The micro-batch's cross-entropy per unit (0 where ignored): per target token, or per clip (of its dialect)."""
+    if task == "dialect-id":
+        return F.cross_entropy(logits.float(), batch.dialect_ids, ignore_index=-100, reduction="none")
+    # flattened to [tokens, vocab]: the [B, vocab, T] layout takes a strided path 5-10x slower
+    return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=-100, reduction="none")
 
 
 def micro_batches(loader, sampler, dataset, epoch, consumed, batch_size, epochs):
@@ -427,7 +474,8 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
     audio_ctx = args.audio_ctx if args.audio_ctx in ("full", "auto") else int(args.audio_ctx)
     dataset = SpeechDataset(train_examples, n_mels=n_mels, wave_augment=wave_augment if wave_augment.enabled else None,
                             seed=args.seed)
-    collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx)
+    labels = sorted(include)
+    collator = Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx, labels=labels)
     test_examples, test_report = load_split(args.eval_data or args.data, "test", language=language, **data_options(args))
     print(test_report.summary())
     test_examples = limit_per_dialect(test_examples, args.eval_samples)
@@ -438,7 +486,7 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
                 eval_dataset=SpeechDataset(test_examples, n_mels=n_mels),  # never augmented
                 eval_collator=Collator(tokenizer, n_mels=n_mels, audio_ctx=audio_ctx),
                 micro_per_epoch=math.ceil(sampler.num_samples_per_epoch() / (args.batch_size * world)),
-                tokenizer=tokenizer, added_tokens=added)
+                labels=labels, tokenizer=tokenizer, added_tokens=added)
 
 
 def choose_vocabulary(args, examples, tokenizer):
@@ -473,9 +521,17 @@ def load_split(spec: str, split: str, **kw):
         raise SystemExit(f"error: {e}") from None
 
 
-def prepare_model(model, args, total_steps: int, device: str, added=(), tokenizer=None):
-    """(adapter name, rank-strategy hook or None): LoRA wrapped into the model, or every weight trainable; rows for
-    the `added` tokens (initialised from the base `tokenizer`'s pieces) trained with them."""
+def prepare_model(model, args, total_steps: int, device: str, labels: list, added=(), tokenizer=None):
+    """(the model to train, adapter name, rank-strategy hook or None): LoRA wrapped into the model, or every
+    weight trainable, with rows for the `added` tokens (initialised from the base `tokenizer`'s pieces); for
+    --task dialect-id, a head over `labels` on the frozen model."""
+    if args.task == "dialect-id":
+        if len(labels) < 2:
+            raise SystemExit(f"error: --task dialect-id needs two or more dialects to tell apart; --dialect "
+                             f"{args.dialect} trains on {labels} (use --dialect balanced or a,b)")
+        head = DialectHead(labels, model.dims.n_audio_state, min(args.head_layers if args.head_layers is not None
+                           else model.dims.n_audio_layer, model.dims.n_audio_layer), n_hidden=args.head_hidden)
+        return DialectClassifier(model, head).to(device), "dialect_id", None
     adapter_name = args.dialect if args.dialect in DIALECTS else "default"
     rank_hook = None
     if args.mode == "lora":
@@ -503,7 +559,7 @@ def prepare_model(model, args, total_steps: int, device: str, added=(), tokenize
     enable_dynamic_audio_ctx(model)
     if args.grad_checkpointing:
         enable_grad_checkpointing(model)
-    return adapter_name, rank_hook
+    return model, adapter_name, rank_hook
 
 
 def describe(run: Run, amp_dtype) -> None:
@@ -607,6 +663,8 @@ def evaluate(run: Run, system: str) -> dict:
     if not run.is_main:
         torch.distributed.barrier()
         return {}
+    if run.args.task == "dialect-id":
+        return evaluate_dialect_id(run)
     model, lora = run.model, run.args.mode == "lora"
     activate = (lambda d: set_active_adapter(model, None if system == "base" else run.adapter_name)) if lora \
         else (lambda d: None)
@@ -621,6 +679,18 @@ def evaluate(run: Run, system: str) -> dict:
     return results[system]
 
 
+def evaluate_dialect_id(run: Run) -> dict:
+    """Accuracy, per-dialect recall and the confusion matrix of the head on the test set (rank 0; {} elsewhere)."""
+    if run.is_main:
+        found = identify(run.model.whisper, run.model.head, run.eval_dataset, run.eval_collator,
+                         batch_size=run.args.eval_batch_size, device=run.device)
+        result = classification_summary([r["dialect"] for r in found], [r["predicted"] for r in found], run.labels)
+        run.model.train()
+    if run.world > 1:
+        torch.distributed.barrier()
+    return result if run.is_main else {}
+
+
 def save(run: Run, state: TrainState, *, is_best: bool = False) -> None:
     """A resumable checkpoint (rank 0 only): checkpoints/ckpt-STEP.pt, and checkpoints/best.pt when `is_best`."""
     if run.is_main:
@@ -632,8 +702,12 @@ def save(run: Run, state: TrainState, *, is_best: bool = False) -> None:
 
 
 def save_model(run: Run, state: TrainState, suffix: str = "") -> None:
-    """The result a user takes away: adapter{suffix}.safetensors (LoRA) or model{suffix}.pt (full)."""
-    if run.args.mode == "lora":
+    """The result a user takes away: adapter{suffix}.safetensors (LoRA), model{suffix}.pt (full) or
+    dialect_id{suffix}.safetensors (--task dialect-id)."""
+    if run.args.task == "dialect-id":
+        save_dialect_id(run.model.head, os.path.join(run.run_dir, f"dialect_id{suffix}.safetensors"),
+                        base_fingerprint=run.base_fp, metadata={"config": run.config, "steps": state.step})
+    elif run.args.mode == "lora":
         save_adapter(run.model, os.path.join(run.run_dir, f"adapter{suffix}.safetensors"), run.adapter_name,
                      base_fingerprint=run.base_fp,
                      metadata={"config": run.config, "dialect": run.args.dialect, "steps": state.step,
@@ -643,15 +717,23 @@ def save_model(run: Run, state: TrainState, suffix: str = "") -> None:
 
 
 def keep_best(run: Run, state: TrainState, result: dict) -> None:
-    """With --eval-every: an evaluation with a new lowest macro CER saves checkpoints/best.pt (a resumable
-    state) and the model as it was then (adapter_best.safetensors or model_best.pt). Ties keep the earlier."""
-    cer = result.get("_macro", {}).get("cer")
+    """With --eval-every: an evaluation with a new lowest macro CER (dialect ID: error rate) saves
+    checkpoints/best.pt (a resumable state) and the model as it was then (adapter_best.safetensors, model_best.pt
+    or dialect_id_best.safetensors). Ties keep the earlier."""
+    metric, value = score_of(result)
     prev = state.history.get("best")
-    if not run.is_main or cer is None or (prev is not None and cer >= prev["macro_cer"]):
+    if not run.is_main or value is None or (prev is not None and value >= prev[metric]):
         return
-    state.history["best"] = {"step": state.step, "macro_cer": cer}  # before the checkpoint, so a resume keeps it
+    state.history["best"] = {"step": state.step, metric: value}  # before the checkpoint, so a resume keeps it
     save(run, state, is_best=True)
     save_model(run, state, "_best")
+
+
+def score_of(result: dict) -> tuple[str, float | None]:
+    """(name, value) of what --eval-every keeps the lowest of: the macro CER, or a dialect ID's error rate."""
+    if "accuracy" in result:
+        return "error", None if result["accuracy"] is None else 1 - result["accuracy"]
+    return "macro_cer", result.get("_macro", {}).get("cer")
 
 
 def finish(run: Run, state: TrainState, on_eval=None) -> dict:
@@ -666,6 +748,8 @@ def finish(run: Run, state: TrainState, on_eval=None) -> dict:
     if run.args.eval_every:
         keep_best(run, state, final)
     results = {"base": state.history["base"], "trained": final} if "base" in state.history else {"trained": final}
+    if run.args.task == "dialect-id":
+        results = {"_dialect_id": final, **({"_dialect_id_base": state.history["base"]} if "base" in state.history else {})}
     device = run.device
     write_results(run.run_dir, results, meta={
         "config": run.config, "trainable_params": run.n_params[0], "total_params": run.n_params[1], "steps": state.step, "skipped_steps": state.skipped,
@@ -673,15 +757,17 @@ def finish(run: Run, state: TrainState, on_eval=None) -> dict:
         "train_s": round(state.train_s, 1), "best": state.history.get("best"),
         "peak_memory_mb": round(peak_memory_mb(device)), "model_mb": round(storage_bytes(run.model) / 2**20, 1),
         "peak_memory_kind": "CUDA allocated" if device.startswith("cuda") else "process RSS"})
+    metric, value = score_of(final)
     run.tb.add_hparams({k: v for k, v in run.config.items() if isinstance(v, (int, float, str, bool))},
-                       {"final/macro_cer": final["_macro"]["cer"]}, run_name="hparams")
+                       {f"final/{metric}": value}, run_name="hparams")
     run.tb.close()
-    print(format_table(results))
+    print(format_dialect_id(final) if run.args.task == "dialect-id" else format_table(results))
     print(f"wrote {run.run_dir}/results.json and results.md")
     best = state.history.get("best")
     if best:
-        print(f"best evaluation: step {best['step']}, macro CER {best['macro_cer']:.3f} "
-              f"({'adapter_best.safetensors' if run.args.mode == 'lora' else 'model_best.pt'}, checkpoints/best.pt)")
+        kept = "dialect_id_best.safetensors" if run.args.task == "dialect-id" else \
+            "adapter_best.safetensors" if run.args.mode == "lora" else "model_best.pt"
+        print(f"best evaluation: step {best['step']}, {'macro CER' if metric == 'macro_cer' else 'error rate'} {best[metric]:.3f} ({kept}, checkpoints/best.pt)")
     if on_eval is not None:  # last, so a caller that stops the run here still finds it complete
         on_eval(state.step, final)
     return results

@@ -30,6 +30,7 @@ class Batch:
     texts: list[str]  # the normalised target texts
     ids: list[str]
     dropped: int = 0  # clips of this batch that failed to load and were left out
+    dialect_ids: torch.Tensor | None = None  # [B] long: index of each clip's dialect in the Collator's labels
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -107,14 +108,15 @@ class Collator:
     rounded up to a multiple of 100 frames (faster on short clips; the encoder then sees T/2 positions);
     an int crops/pads every batch to that many frames (even, <= 3000).
     Every example is prefixed with the tokenizer's language and task; texts are normalised per their
-    own Example.language.
+    own Example.language. With `labels` (a dialect list), batches carry each clip's index in it (-100: none).
     """
 
-    def __init__(self, tokenizer, *, n_mels: int = 80, audio_ctx="full", task: str = "transcribe"):
+    def __init__(self, tokenizer, *, n_mels: int = 80, audio_ctx="full", task: str = "transcribe", labels=None):
         if audio_ctx not in ("full", "auto"):
             if not isinstance(audio_ctx, int) or not 0 < audio_ctx <= N_FRAMES or audio_ctx % 2:
                 raise ValueError(f"audio_ctx {audio_ctx!r}: expected 'full', 'auto' or an even int in (0, {N_FRAMES}]")
         self.tokenizer, self.n_mels, self.audio_ctx, self.task = tokenizer, n_mels, audio_ctx, task
+        self.labels = {d: i for i, d in enumerate(labels)} if labels is not None else None
 
     def frames_for(self, n_frames: list[int]) -> int:
         return batch_frames(self.audio_ctx, n_frames)
@@ -146,9 +148,11 @@ class Collator:
             decoder_input[b, :len(dec)] = torch.tensor(dec)
             targets[b, :len(tgt)] = torch.tensor(tgt)
         exs = [it["example"] for it in kept]
+        dialect_ids = None if self.labels is None else \
+            torch.tensor([self.labels.get(e.dialect, IGNORE_INDEX) for e in exs], dtype=torch.long)
         return Batch(mel=mel, n_frames=n_frames, decoder_input=decoder_input, targets=targets,
                      dialects=[e.dialect for e in exs], texts=texts, ids=[e.id for e in exs],
-                     dropped=len(items) - len(kept))
+                     dropped=len(items) - len(kept), dialect_ids=dialect_ids)
 
 
 def make_loader(dataset, sampler, collator, batch_size: int, num_workers: int = 0, *, drop_last: bool = False,

@@ -3,14 +3,19 @@
 A *system* is a name plus a function `activate(dialect)` that puts the model in that system's state
 before a batch of that dialect is decoded (the base: no adapter; an adapter: that one; `routed`: the
 adapter of the batch's own dialect). Batches are built per dialect, so routing is exact, and each batch
-is loaded once and decoded under every system.
+is loaded once and decoded under every system. A `Routed` system picks its state per utterance instead
+(`routed-auto`: by each clip's predicted dialect).
 """
+import time
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from scoring import metrics
 from whisper_ft.decoding import decode
+from whisper_ft.dialect_id import predict_dialect
 from whisper_ft.text import normalize_text, prefix_tokens
 
 MAX_TOKENS = 224  # whisper's own sample_len for a 30 s window
@@ -43,22 +48,29 @@ def token_limit(dataset, tokenizer) -> int:
 
 @torch.no_grad()
 def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, language: str, batch_size: int = 16,
-                     beam_size: int = 1, max_tokens: int | None = None, device="cpu", n_examples: int = 3):
+                     beam_size: int = 1, max_tokens: int | None = None, device="cpu", n_examples: int = 3,
+                     timings: dict | None = None):
     """Return ({system: {dialect: metrics, "_macro": ..., "_micro": ..., "_examples": example_pairs(...)}},
     per-utterance records); n_examples: clips per dialect in "_examples".
 
-    Puts `model` in eval mode (no dropout while decoding); a caller that trains afterwards calls .train()."""
+    A system is `activate(dialect)` or a `Routed`. `timings`, when given, gets each system's decoding seconds
+    added (a Routed system's choosing included). Puts `model` in eval mode (no dropout while decoding); a caller
+    that trains afterwards calls .train()."""
     model.eval()
     max_tokens = max_tokens or token_limit(dataset, tokenizer)
     records = []
     for dialect, batch in eval_batches(dataset, collator, batch_size):
         mel = batch.mel.to(device)
         for system, activate in systems.items():
-            activate(dialect)
-            hyps = decode(model, mel, tokenizer, beam_size=beam_size, max_tokens=max_tokens)
-            for i, best in enumerate(h[0] for h in hyps):
-                records.append({"system": system, "dialect": dialect, "id": batch.ids[i], "ref": batch.texts[i],
-                                "hyp": best.text, "looped": best.looped})
+            start = time.perf_counter()
+            for rows, fields in _parts(activate, dialect, batch, mel):
+                hyps = decode(model, mel if len(rows) == len(batch) else mel[rows], tokenizer, beam_size=beam_size,
+                              max_tokens=max_tokens)
+                for i, best in zip(rows, (h[0] for h in hyps)):
+                    records.append({"system": system, "dialect": dialect, "id": batch.ids[i], "ref": batch.texts[i],
+                                    "hyp": best.text, "looped": best.looped, **fields.get(i, {})})
+            if timings is not None:
+                timings[system] = timings.get(system, 0.0) + time.perf_counter() - start
     results = {}
     for system in systems:
         rows = [r for r in records if r["system"] == system]
@@ -87,6 +99,44 @@ def example_pairs(records, n: int) -> dict:
 def _cell(text) -> str:
     """Text as one markdown table cell (a looping hypothesis may hold anything)."""
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass
+class Routed:
+    """A system that picks its state per utterance: `choose(batch, mel)` returns, per clip, (state name, fields
+    for its record); `states[name]()` puts the model in that state. Clips that chose the same state decode
+    together: the whole batch when they all agree, so a choice that is always the clip's dialect decodes
+    exactly as `routed` does."""
+    choose: Callable
+    states: dict
+
+
+def _parts(activate, dialect, batch, mel):
+    """Yield (rows, {row: record fields}), the model put in the state those rows of the batch decode in."""
+    if not isinstance(activate, Routed):
+        activate(dialect)
+        yield list(range(len(batch))), {}
+        return
+    choices = activate.choose(batch, mel)
+    for state in dict.fromkeys(c for c, _ in choices):  # in order of first appearance
+        activate.states[state]()
+        rows = [i for i, (c, _) in enumerate(choices) if c == state]
+        yield rows, {i: choices[i][1] for i in rows}
+
+
+@torch.no_grad()
+def identify(model, head, dataset, collator, batch_size: int = 16, device="cpu") -> list[dict]:
+    """Each clip's dialect as `head` predicts it: [{id, dialect (the true one), predicted, prob}].
+    `model` is the base the head was trained on, with no adapter active."""
+    model.eval()
+    head.eval()
+    out = []
+    for dialect, batch in eval_batches(dataset, collator, batch_size):
+        probs = predict_dialect(model, head, batch.mel.to(device), batch.n_frames)
+        for i, p in enumerate(probs):
+            k = int(p.argmax())
+            out.append({"id": batch.ids[i], "dialect": dialect, "predicted": head.labels[k], "prob": float(p[k])})
+    return out
 
 
 def summarize(records, by: str = "dialect") -> dict:

@@ -272,3 +272,20 @@ def term_recall(records, terms) -> dict:
         per["_all"] = {"recall": hits_all / n_all if n_all else None, "n": n_all}
         out[system] = per
     return out
+
+
+def classification_summary(true: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict:
+    """Accuracy, recall per true class (and their mean) and the confusion matrix {true: {predicted: n}} of a
+    classifier over `labels`; a true class outside `labels` gets its row too (its recall is 0 by definition)."""
+    if len(true) != len(predicted):
+        raise ValueError(f"{len(true)} true labels for {len(predicted)} predictions")
+    classes = sorted(set(true))
+    columns = list(labels) + sorted(set(predicted) - set(labels))
+    confusion = {t: {p: 0 for p in columns} for t in classes}
+    for t, p in zip(true, predicted):
+        confusion[t][p] += 1
+    recall = {t: confusion[t].get(t, 0) / sum(row.values()) for t, row in confusion.items()}
+    n = len(true)
+    return {"accuracy": sum(t == p for t, p in zip(true, predicted)) / n if n else None, "n": n,
+            "recall": recall, "macro_recall": sum(recall.values()) / len(recall) if recall else None,
+            "labels": list(labels), "confusion": confusion}

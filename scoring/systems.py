@@ -10,7 +10,7 @@ from lora.layers import check_adapter_name
 from scoring.evaluation import evaluate_systems
 from whisper_ft.vocab import adapter_tokens, set_added_tokens
 
-RESERVED = ("base", "routed")
+RESERVED = ("base", "routed", "routed-auto")
 
 
 def parse_adapters(values) -> tuple[dict, dict]:

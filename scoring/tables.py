@@ -63,6 +63,18 @@ def format_terms(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_dialect_id(summary: dict) -> str:
+    """Dialect identification: accuracy, then per true dialect its recall and the confusion matrix's row."""
+    columns = list(next(iter(summary["confusion"].values()), {}))
+    lines = [f"Dialect ID: accuracy {_fmt(summary['accuracy'])} on {summary['n']} clips, mean recall "
+             f"{_fmt(summary['macro_recall'])}" + (f"; {summary['note']}" if summary.get("note") else ""), "",
+             "| Dialect | n | recall | " + " | ".join(f"→ {c}" for c in columns) + " |", "|" + "---|" * (len(columns) + 3)]
+    for d, row in summary["confusion"].items():
+        lines.append(f"| {d} | {sum(row.values())} | {_fmt(summary['recall'][d])} | "
+                     + " | ".join(str(row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def write_results(out_dir, results: dict, records=None, meta: dict | None = None) -> None:
     """results.json / results.md / results.csv (+ utterances.jsonl) under out_dir, all from the same dict."""
     os.makedirs(out_dir, exist_ok=True)
@@ -70,7 +82,10 @@ def write_results(out_dir, results: dict, records=None, meta: dict | None = None
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({**clean, "_meta": meta or {}}, f, indent=2, ensure_ascii=False)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(format_table(results) + "\n")
+        if any(not s.startswith("_") for s in results):
+            f.write(format_table(results) + "\n")
+        if "_dialect_id" in results:
+            f.write("\n" + format_dialect_id(results["_dialect_id"]) + "\n")
         terms = format_terms(results)
         if terms:
             f.write("\nTerm recall\n\n" + terms + "\n")
@@ -81,7 +96,7 @@ def write_results(out_dir, results: dict, records=None, meta: dict | None = None
         w = csv.writer(f)
         w.writerow(["system", "dialect", "cer", "wer", "ser", "n", "looped"])
         for s, r in clean.items():
-            for d in _rows(r) + ["_macro", "_micro"]:
+            for d in (_rows(r) + ["_macro", "_micro"]) if not s.startswith("_") else ():
                 m = r.get(d, {})
                 w.writerow([s, d, m.get("cer"), m.get("wer"), m.get("ser"), m.get("n"), m.get("looped")])
     if records is not None:

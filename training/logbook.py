@@ -42,7 +42,13 @@ def open_writer(run_dir: str, is_main: bool):
 
 def log_eval(tb, system: str, result: dict, step: int) -> None:
     """eval_SYSTEM/DIALECT/{cer,wer,ser} scalars (macro average included), and per dialect, as text, the
-    reference / hypothesis pairs of the same few clips at every evaluation (eval_SYSTEM/examples/DIALECT)."""
+    reference / hypothesis pairs of the same few clips at every evaluation (eval_SYSTEM/examples/DIALECT); for a
+    dialect-ID evaluation, eval_SYSTEM/accuracy and eval_SYSTEM/DIALECT/recall."""
+    if "accuracy" in result:
+        tb.add_scalar(f"eval_{system}/accuracy", result["accuracy"], step)
+        for dialect, recall in result["recall"].items():
+            tb.add_scalar(f"eval_{system}/{dialect}/recall", recall, step)
+        return
     for dialect, m in result.items():
         if not isinstance(m, dict) or dialect == "_micro":
             continue

@@ -21,9 +21,11 @@ class TrainState:
 
     def to_checkpoint(self, model, optimizer, scaler, sampler, *, full: bool, base_fingerprint: str,
                       rank_hook=None) -> dict:
-        """Everything an exact resume needs. LoRA runs keep only the adapter tensors (`full` False): the frozen
-        base is reloaded from --model on resume, and `base_fingerprint` checks it is the same base."""
-        model_state = {k: v for k, v in model.state_dict().items() if full or "lora_" in k}
+        """Everything an exact resume needs. LoRA and dialect-ID runs keep only the adapter tensors and the trained
+        parameters (`full` False): the frozen base is reloaded from --model on resume, and `base_fingerprint`
+        checks it is the same base."""
+        trained = {k for k, p in model.named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model.state_dict().items() if full or "lora_" in k or k in trained}
         ckpt = dict(model=model_state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     step=self.step, epoch=self.epoch, consumed=self.consumed, skipped=self.skipped,
                     scaler_skips=self.scaler_skips, rng=self.rng,

@@ -39,6 +39,14 @@ def encode(model, mel: torch.Tensor) -> torch.Tensor:
     The same operations, in the same order, as `whisper.model.AudioEncoder.forward`, except that the
     positional embedding is sliced to the frames present; for T=3000 the result is bitwise equal.
     """
+    x = embed_audio(model, mel)
+    for block in model.encoder.blocks:
+        x = block(x)
+    return model.encoder.ln_post(x)
+
+
+def embed_audio(model, mel: torch.Tensor) -> torch.Tensor:
+    """The encoder's input to its first block, [B, T//2, n_audio_state]: convolutions and positions."""
     check_mel(model, mel)
     enc = model.encoder
     x = F.gelu(enc.conv1(mel))
@@ -46,10 +54,7 @@ def encode(model, mel: torch.Tensor) -> torch.Tensor:
     # contiguous: whisper's permuted view makes every residual add keep the [B, C, T] layout, and then
     # every LayerNorm, forward and backward, copies its input to contiguous first
     x = x.permute(0, 2, 1).contiguous()
-    x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
-    for block in enc.blocks:
-        x = block(x)
-    return enc.ln_post(x)
+    return (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
 
 
 def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
