@@ -352,6 +352,7 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
         run.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.rng = ckpt.rng_state()
+        state.train_s, t_start = state.train_s + time.time() - t_start, time.time()  # so every checkpoint holds it
 
         if state.step % args.log_every == 0:
             dt = max(time.time() - t_last, 1e-9)
@@ -376,7 +377,6 @@ def train(run: Run, state: TrainState, on_eval=None) -> TrainState | None:
             print(f"{state.stop}: saved step {state.step}; continue with: python train.py --resume {run.run_dir}")
             raise SystemExit(130)
     log.close()
-    state.train_s += time.time() - t_start
     return state
 
 

@@ -316,13 +316,15 @@ def test_sigint_saves_a_resumable_checkpoint(setup, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     assert "--resume" in output
-    step = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["step"]
-    assert 0 < step < 24
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+    assert 0 < saved["step"] < 24
+    assert saved["train_s"] > 0  # the time before the interruption counts in the resumed run's train_s
     with pytest.raises(SystemExit) as e:  # starting over the same directory would lose it
         train.main(_args(setup, out, "--max-steps", 1))
     assert "--resume" in str(e.value)
     _run(setup, out, "--resume", str(out))
-    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(out))["step"] == 24
+    final = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+    assert final["step"] == 24 and final["train_s"] > saved["train_s"]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -28,7 +28,7 @@ class TrainState:
         model_state = {k: v for k, v in model.state_dict().items() if full or "lora_" in k or k in trained}
         ckpt = dict(model=model_state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     step=self.step, epoch=self.epoch, consumed=self.consumed, skipped=self.skipped,
-                    scaler_skips=self.scaler_skips, rng=self.rng,
+                    scaler_skips=self.scaler_skips, train_s=self.train_s, rng=self.rng,
                     sampler=sampler.state_dict(), history=json.dumps(self.history), base_fingerprint=base_fingerprint)
         if rank_hook is not None:
             ckpt["rank_hook"] = rank_hook.state_dict()
@@ -39,4 +39,5 @@ class TrainState:
         """The counters of a checkpoint; the global RNG is set back to where that step left it."""
         set_rng_state(ckpt["rng"])
         return cls(step=ckpt["step"], epoch=ckpt["epoch"], consumed=ckpt["consumed"], skipped=ckpt["skipped"],
-                   scaler_skips=ckpt.get("scaler_skips", 0), history=json.loads(ckpt["history"]), rng=ckpt["rng"])
+                   scaler_skips=ckpt.get("scaler_skips", 0), train_s=ckpt.get("train_s", 0.0),
+                   history=json.loads(ckpt["history"]), rng=ckpt["rng"])
