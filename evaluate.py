@@ -33,15 +33,15 @@ from data.collate import Collator, SpeechDataset
 from data.sources import SourceError, add_data_args, data_options, limit_per_dialect, load_examples
 from data.validate import DataError
 from lora.adapters import set_active_adapter
-from lora.compose import compose
 from research import robustness
 from scoring.evaluation import Routed, eval_batches, evaluate_systems, identify, summarize, token_limit
 from scoring.metrics import classification_summary, term_recall
-from scoring.systems import (RESERVED, added_vocabulary, checkpoint_spec, fit_mix, load_systems, parse_adapters,
-                             parse_audio_ctx, parse_routes, system_name, trained_audio_ctx)
+from scoring.systems import (RESERVED, added_vocabulary, check_dialect_id, checkpoint_spec, fit_mix, load_head,
+                             load_systems, parse_adapters, parse_audio_ctx, parse_routes, system_name,
+                             trained_audio_ctx, uniform_mix)
 from scoring.tables import format_dialect_id, format_table, format_terms, write_chart, write_results
 from training.setup import choose_device, language_of, load_base
-from whisper_ft.dialect_id import choose_route, load_dialect_id, predict_dialect
+from whisper_ft.dialect_id import choose_route, predict_dialect
 from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
 from whisper_ft.text import tokenizer_for
@@ -194,34 +194,11 @@ def check_args(args) -> dict:
             raise SystemExit(f"error: --checkpoint {path}: system name {name!r} is already taken; rename the file")
         checkpoints[name] = checkpoint_spec(path)
     return {"sources": sources, "languages": languages, "adapters": adapters, "mixes": mixes,
-            "dialect_id": check_dialect_id(args, {**adapters, **mixes}),
+            "dialect_id": check_dialect_id(args.dialect_id, args.route_threshold, args.route_fallback,
+                                           {**adapters, **mixes}),
             "routes": parse_routes(args.route, {**adapters, **mixes}), "checkpoints": checkpoints,
             "audio_ctx": parse_audio_ctx(args.audio_ctx or trained_audio_ctx(adapters)), "terms": _read_terms(args.terms) if args.terms else None,
             "dialects": set(args.dialect.split(",")) if args.dialect else None}
-
-
-def check_dialect_id(args, adapters: dict) -> dict | None:
-    """{path, threshold, fallback} of --dialect-id and its routing flags, or None without --dialect-id."""
-    if args.dialect_id is None:
-        given = [f for f, v in (("--route-threshold", args.route_threshold), ("--route-fallback", args.route_fallback))
-                 if v is not None]
-        if given:
-            raise SystemExit(f"error: {given[0]} is for routed-auto: add --dialect-id PATH (a dialect-ID head)")
-        return None
-    path = args.dialect_id
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dialect_id.safetensors")):
-        path = os.path.join(path, "dialect_id.safetensors")  # a train.py --task dialect-id run directory
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --dialect-id {args.dialect_id}: no such file (pass the dialect_id.safetensors of a "
-                         "train.py --task dialect-id run, or its run directory)")
-    threshold = 0.0 if args.route_threshold is None else args.route_threshold
-    if not 0 <= threshold <= 1:
-        raise SystemExit(f"error: --route-threshold {threshold}: must be a probability in [0, 1]")
-    fallback = args.route_fallback or "mix"
-    if fallback not in ("base", "mix") and fallback not in adapters:
-        raise SystemExit(f"error: --route-fallback {fallback}: expected base, mix or an --adapter name "
-                         f"({', '.join(sorted(adapters)) or 'none given'})")
-    return {"path": path, "threshold": threshold, "fallback": fallback}
 
 
 def load_data(plan: dict, args) -> tuple[list, dict]:
@@ -284,18 +261,6 @@ def choose_systems(model, base_fp, plan: dict, data: list, args, device, head=No
     return systems, checkpoints, route, mixes
 
 
-def load_head(spec: dict | None, base_fp: str, device):
-    """The --dialect-id head (None without it); one line when it is not one, or is for another base."""
-    if spec is None:
-        return None
-    try:
-        head = load_dialect_id(spec["path"], base_fingerprint=base_fp, device=device)
-    except ValueError as e:
-        raise SystemExit(f"error: --dialect-id: {e}") from None
-    print(f"dialect ID {spec['path']}: labels {head.labels}, {head.n_layers} encoder blocks")
-    return head
-
-
 def routed_auto(model, head, adapters: list, files: list, routes: dict, spec: dict) -> Routed:
     """routed-auto: each clip's dialect predicted by `head` on the base's encoder, then the clip decoded with that
     dialect's adapter (--route DIALECT=NAME, else the adapter named after it) or with the fallback."""
@@ -304,8 +269,8 @@ def routed_auto(model, head, adapters: list, files: list, routes: dict, spec: di
     states.update({a: (lambda a=a: set_active_adapter(model, a)) for a in adapters})
     fallback, threshold = spec["fallback"], spec["threshold"]
     if fallback == "mix" and "mix" not in adapters:
-        compose(model, "_route_mix", {a: 1 / len(files) for a in files})
-        states["mix"] = lambda: set_active_adapter(model, "_route_mix")
+        mix = uniform_mix(model, files)
+        states["mix"] = lambda: set_active_adapter(model, mix)
     print("routed-auto: " + ", ".join(f"{d} -> {route.get(d, fallback)}" for d in head.labels)
           + f"; below probability {threshold:g}: {fallback}")
 

@@ -6,7 +6,10 @@ Inputs: audio files, directories (searched recursively for audio files) and mani
 `audio` column). Each recording is cut into windows of <= 30 s where the speech pauses (transcription/windows.py)
 and its windows are decoded in batches, with the loop guard, no-speech skipping and one beam-search retry of a
 looped window (transcription/longform.py). The system (the base, or one --adapter) is chosen per recording before
-its windows are decoded (`choose_system`). The encoder context is the one the adapters were trained with, unless
+its windows are decoded (`choose_system`): the one --system names, or with --dialect-id the adapter of the dialect
+a dialect-ID head (train.py --task dialect-id) hears in the recording's first 30 s of speech (--route DIALECT=NAME
+maps a label to another adapter; --route-fallback takes a recording whose dialect has no adapter or whose
+probability is under --route-threshold). The encoder context is the one the adapters were trained with, unless
 --audio-ctx says otherwise.
 
 Writes to --out: NAME.txt (a segment per line), NAME.srt, NAME.vtt per recording; transcripts.jsonl, one line per
@@ -21,15 +24,19 @@ import os
 import sys
 import time
 
+import torch
 from tqdm import tqdm
 
 from lora.adapters import set_active_adapter
-from scoring.systems import load_systems, parse_adapters, parse_audio_ctx, trained_audio_ctx
+from scoring.systems import (check_dialect_id, load_head, load_systems, parse_adapters, parse_audio_ctx, parse_routes,
+                             trained_audio_ctx, uniform_mix)
 from training.setup import choose_device, language_of, load_base
 from transcription.inputs import InputError, duration, expand, output_names
 from transcription.longform import transcribe_waveform
+from transcription.windows import speech_windows
 from transcription.writers import FORMATS, append_jsonl, write_recording
-from whisper_ft.audio import SAMPLE_RATE, AudioError, check_waveform, read_audio
+from whisper_ft.audio import N_SAMPLES, SAMPLE_RATE, AudioError, check_waveform, log_mel, n_frames_of, read_audio
+from whisper_ft.dialect_id import choose_route, predict_dialect
 from whisper_ft.models import ModelSpecError
 from whisper_ft.text import tokenizer_for
 
@@ -44,6 +51,17 @@ def parse_args(argv=None):
                    help="LoRA adapter file (or a train.py run directory holding adapter.safetensors); repeatable")
     p.add_argument("--system", default=None, metavar="NAME",
                    help="the --adapter to decode with, or base (default: the only adapter given, else base)")
+    p.add_argument("--dialect-id", default=None, metavar="PATH",
+                   help="dialect-ID head (dialect_id.safetensors or its train.py run directory): each recording is "
+                        "decoded with the --adapter of the dialect it predicts")
+    p.add_argument("--route", action="append", default=[], metavar="auto|DIALECT=NAME",
+                   help="with --dialect-id: decode a predicted DIALECT with adapter NAME (default: the adapter named "
+                        "after it); auto: route by --dialect-id alone")
+    p.add_argument("--route-threshold", type=float, default=None, metavar="P",
+                   help="a recording whose predicted dialect has probability under P goes to --route-fallback (default 0)")
+    p.add_argument("--route-fallback", default=None, metavar="base|mix|NAME",
+                   help="the system for a recording with no adapter for its predicted dialect or under the threshold: "
+                        "base, mix (uniform composition of the --adapter files), or an --adapter name (default mix)")
     p.add_argument("--language", default="bo")
     p.add_argument("--language-fallback", default=None,
                    help="Whisper language token to reuse for a language Whisper lacks (e.g. bo for Dzongkha)")
@@ -68,7 +86,14 @@ def check_args(args) -> dict:
         raise SystemExit("error: --batch-size and --beam-size must be >= 1")
     adapters, mixes = parse_adapters(args.adapter)
     names = [*adapters, *mixes]
-    if args.system is None and len(names) > 1:
+    dialect_id = check_dialect_id(args.dialect_id, args.route_threshold, args.route_fallback, {**adapters, **mixes})
+    routes = parse_routes([r for r in args.route if r != "auto"], {**adapters, **mixes})
+    if dialect_id is None and args.route:
+        raise SystemExit(f"error: --route {args.route[0]} routes by the dialect a head hears: add --dialect-id PATH")
+    if dialect_id is not None and (args.system is not None or not names):
+        raise SystemExit("error: --dialect-id chooses the adapter per recording: " + (
+            "drop --system" if names else "give the adapters to choose from, --adapter NAME=PATH ..."))
+    if dialect_id is None and args.system is None and len(names) > 1:
         raise SystemExit(f"error: several --adapter given ({', '.join(names)}): pick the one to decode with, "
                          "--system NAME (or --system base)")
     system = args.system or (names[0] if names else "base")
@@ -78,17 +103,53 @@ def check_args(args) -> dict:
         recordings = expand(args.inputs)
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
-    return {"formats": formats, "adapters": adapters, "mixes": mixes, "system": system, "recordings": recordings,
+    return {"formats": formats, "adapters": adapters, "mixes": mixes, "system": "auto" if dialect_id else system,
+            "dialect_id": dialect_id, "routes": routes, "recordings": recordings,
             "language": language_of(args.language, args.language_fallback),
             "audio_ctx": parse_audio_ctx(args.audio_ctx or trained_audio_ctx(adapters))}
 
 
-def choose_system(wav, plan: dict) -> tuple:
+def choose_system(wav, plan: dict, model) -> tuple:
     """(system, dialect, dialect probability) for one recording, chosen before its windows are decoded.
 
-    Without dialect identification it is the system --system names (dialect and probability None); dialect ID
-    would read `wav` here and route to the adapter of the dialect it hears."""
-    return plan["system"], None, None
+    Without --dialect-id: the system --system names (dialect and probability None). With it: the head reads the
+    base's encoder (no adapter) over the recording's first 30 s of speech, its windows' probabilities are averaged
+    by length, and whisper_ft.dialect_id.choose_route picks the adapter (or the fallback)."""
+    head = plan.get("head")
+    if head is None:
+        return plan["system"], None, None
+    spans, total = [], 0
+    for a, b in speech_windows(wav):
+        spans.append((a, b))
+        total += b - a
+        if total >= N_SAMPLES:
+            break
+    if not spans:
+        return plan["fallback"], None, None
+    mel = torch.stack([log_mel(wav[a:b], model.dims.n_mels) for a, b in spans])
+    n_frames = torch.tensor([n_frames_of(b - a) for a, b in spans])
+    set_active_adapter(model, None)
+    with torch.no_grad():
+        probs = predict_dialect(model, head, mel, n_frames)
+    mean = (probs * n_frames[:, None].to(probs)).sum(0) / n_frames.sum()
+    system, label, prob = choose_route(mean, head.labels, plan["route"], threshold=plan["dialect_id"]["threshold"],
+                                       fallback=plan["fallback"])
+    return system, label, round(prob, 4)
+
+
+def prepare_routing(model, base_fp, plan: dict, device) -> None:
+    """With --dialect-id: the head loaded (one line if it is not one, or for another base), each label's adapter
+    (--route, else the adapter of its name) and the fallback system (mix: composed once) put into `plan`."""
+    head = plan["head"] = load_head(plan["dialect_id"], base_fp, device)
+    if head is None:
+        return
+    names = [*plan["adapters"], *plan["mixes"]]
+    plan["route"] = {d: plan["routes"].get(d, d) for d in head.labels if plan["routes"].get(d, d) in names}
+    fallback = plan["dialect_id"]["fallback"]
+    plan["fallback"] = uniform_mix(model, list(plan["adapters"])) if fallback == "mix" and "mix" not in names \
+        else fallback
+    print("routing: " + ", ".join(f"{d} -> {plan['route'].get(d, fallback)}" for d in head.labels)
+          + f"; below probability {plan['dialect_id']['threshold']:g}: {fallback}")
 
 
 def main(argv=None) -> dict:
@@ -109,6 +170,7 @@ def run(args, argv) -> dict:
     model, base_fp = load_base(args.model, device)
     model.to(device)
     load_systems(model, base_fp, plan["adapters"], plan["mixes"])
+    prepare_routing(model, base_fp, plan, device)
     tokenizer = tokenizer_for(model, plan["language"])
     print(f"model {args.model} ({base_fp}) on {device}; system {plan['system']}; audio ctx {plan['audio_ctx']}; "
           f"{len(plan['recordings'])} recordings")
@@ -144,8 +206,9 @@ def transcribe_all(model, tokenizer, plan: dict, args) -> dict:
             bar.write(f"failed {path}: {e.reason}")
             Progress(bar, seconds[path] or 0.0).finish()
             continue
-        system, dialect, prob = choose_system(wav, plan)
+        system, dialect, prob = choose_system(wav, plan, model)
         set_active_adapter(model, None if system == "base" else system)
+        system = "mix" if system == "_route_mix" else system
         progress = Progress(bar, seconds[path] or 0.0)
         tr = transcribe_waveform(model, wav, tokenizer, audio_ctx=plan["audio_ctx"], batch_size=args.batch_size,
                                  beam_size=args.beam_size, on_batch=progress.advance)

@@ -8,6 +8,7 @@ from lora.compose import compose, parse_mix
 from lora.inject import remove_adapter, set_active_adapter
 from lora.layers import check_adapter_name
 from scoring.evaluation import evaluate_systems
+from whisper_ft.dialect_id import load_dialect_id
 from whisper_ft.vocab import adapter_tokens, set_added_tokens
 
 RESERVED = ("base", "routed", "routed-auto")
@@ -180,3 +181,46 @@ def fit_mix(model, terms: list[str], dataset, collator, tokenizer, *, language: 
         else:
             step /= 2
     return best, [(dict(zip(terms, k)), v) for k, v in tried.items()]
+
+
+def check_dialect_id(dialect_id, route_threshold, route_fallback, adapters: dict) -> dict | None:
+    """{path, threshold, fallback} of --dialect-id and its routing flags (evaluate.py's and transcribe.py's), or
+    None without --dialect-id."""
+    if dialect_id is None:
+        given = [f for f, v in (("--route-threshold", route_threshold), ("--route-fallback", route_fallback))
+                 if v is not None]
+        if given:
+            raise SystemExit(f"error: {given[0]} is for routed-auto: add --dialect-id PATH (a dialect-ID head)")
+        return None
+    path = dialect_id
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dialect_id.safetensors")):
+        path = os.path.join(path, "dialect_id.safetensors")  # a train.py --task dialect-id run directory
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --dialect-id {dialect_id}: no such file (pass the dialect_id.safetensors of a "
+                         "train.py --task dialect-id run, or its run directory)")
+    threshold = 0.0 if route_threshold is None else route_threshold
+    if not 0 <= threshold <= 1:
+        raise SystemExit(f"error: --route-threshold {threshold}: must be a probability in [0, 1]")
+    fallback = route_fallback or "mix"
+    if fallback not in ("base", "mix") and fallback not in adapters:
+        raise SystemExit(f"error: --route-fallback {fallback}: expected base, mix or an --adapter name "
+                         f"({', '.join(sorted(adapters)) or 'none given'})")
+    return {"path": path, "threshold": threshold, "fallback": fallback}
+
+
+def load_head(spec: dict | None, base_fp: str, device):
+    """The --dialect-id head (None without it); one line when it is not one, or is for another base."""
+    if spec is None:
+        return None
+    try:
+        head = load_dialect_id(spec["path"], base_fingerprint=base_fp, device=device)
+    except ValueError as e:
+        raise SystemExit(f"error: --dialect-id: {e}") from None
+    print(f"dialect ID {spec['path']}: labels {head.labels}, {head.n_layers} encoder blocks")
+    return head
+
+
+def uniform_mix(model, files) -> str:
+    """The uniform composition of the adapter files, added to `model` once: --route-fallback mix."""
+    compose(model, "_route_mix", {a: 1 / len(files) for a in files})
+    return "_route_mix"

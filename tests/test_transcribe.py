@@ -19,6 +19,7 @@ from transcription import longform as lf
 from transcription.windows import speech_windows
 from whisper_ft.audio import SAMPLE_RATE, log_mel, read_audio
 from whisper_ft.decoding import Hypothesis, audio_features_for, decode, no_speech_probs
+from whisper_ft.dialect_id import DialectHead, save_dialect_id
 from whisper_ft.models import export_openai, fingerprint, load_model
 from whisper_ft.text import tokenizer_for
 
@@ -233,7 +234,21 @@ def tiny(tmp_path_factory):
         add_lora(model, name, targets="qv", r=2, alpha=4)
         save_adapter(model, d / f"{name}.safetensors", name, base_fingerprint=fp, metadata={"audio_ctx": "auto"})
     sf.write(d / "a.wav", 0.1 * np.sin(np.arange(SAMPLE_RATE) * 0.2).astype(np.float32), SAMPLE_RATE)
+    fp = fingerprint(make_tiny_model())
+    for name in ("kham", "unsure"):  # a head that always hears kham, and one that gives each label 1/3
+        save_dialect_id(_certain_head(name), d / f"head_{name}.safetensors", base_fingerprint=fp)
+    save_dialect_id(_certain_head("kham"), d / "head_other.safetensors", base_fingerprint="0123456789abcdef")
     return d
+
+
+def _certain_head(label):
+    head = DialectHead(["amdo", "kham", "utsang"], n_state=64, n_layers=1, n_hidden=8)
+    with torch.no_grad():
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.zero_()
+        if label in head.labels:
+            head.mlp[-1].bias[head.labels.index(label)] = 50.0
+    return head
 
 
 @pytest.fixture
@@ -251,6 +266,15 @@ def no_decoding(monkeypatch):
     (["--adapter", "amdo={d}/amdo.safetensors", "--system", "kham"], r"error: --system kham: not an --adapter name"),
     (["--format", "txt,docx"], r"error: --format txt,docx: choose from txt,jsonl,srt,vtt"),
     (["{d}/nowhere.wav"], r"error: .*nowhere.wav: no such file or directory"),
+    (["--adapter", "amdo={d}/amdo.safetensors", "--dialect-id", "{d}/nohead.safetensors"],
+     r"error: --dialect-id .*nohead.safetensors: no such file"),
+    (["--adapter", "amdo={d}/amdo.safetensors", "--dialect-id", "{d}/head_other.safetensors"],
+     r"error: --dialect-id: .*base"),
+    (["--adapter", "amdo={d}/amdo.safetensors", "--dialect-id", "{d}/head_kham.safetensors", "--system", "amdo"],
+     r"error: --dialect-id chooses the adapter per recording: drop --system"),
+    (["--adapter", "amdo={d}/amdo.safetensors", "--route", "kham=amdo"], r"error: --route kham=amdo .*--dialect-id"),
+    (["--adapter", "amdo={d}/amdo.safetensors", "--dialect-id", "{d}/head_kham.safetensors", "--route-fallback", "x"],
+     r"error: --route-fallback x: expected base, mix or an --adapter name"),
 ])
 def test_a_wrong_argument_is_one_line_before_decoding(tiny, no_decoding, extra, message):
     args = [str(tiny / "a.wav"), "--model", str(tiny / "tiny.pt"), "--out", str(tiny / "out")]
@@ -270,3 +294,20 @@ def test_the_adapter_decodes_with_the_context_it_was_trained_with(tiny, capsys):
     forced = transcribe.main([str(tiny / "a.wav"), "--model", str(tiny / "tiny.pt"), "--out", str(tiny / "out3"),
                               "--adapter", f"amdo={tiny / 'amdo.safetensors'}", "--audio-ctx", "full"])
     assert forced["audio_ctx"] == "full"
+
+
+@pytest.mark.parametrize("head, extra, system, dialect", [
+    ("kham", [], "kham", "kham"),                                     # the adapter of the dialect it hears
+    ("kham", ["--route", "kham=amdo"], "amdo", "kham"),               # --route maps that dialect elsewhere
+    ("unsure", ["--route-threshold", "0.5", "--route-fallback", "amdo"], "amdo", "amdo"),  # 1/3 < 0.5: fallback
+    ("unsure", ["--route-threshold", "0.5"], "mix", "amdo"),          # the default fallback: both adapters mixed
+])
+def test_dialect_id_picks_each_recordings_adapter(tiny, head, extra, system, dialect):
+    out = tiny / f"routed_{head}_{len(extra)}_{system}"
+    summary = transcribe.main([str(tiny / "a.wav"), "--model", str(tiny / "tiny.pt"), "--out", str(out),
+                               "--adapter", f"amdo={tiny / 'amdo.safetensors'}",
+                               "--adapter", f"kham={tiny / 'kham.safetensors'}",
+                               "--dialect-id", str(tiny / f"head_{head}.safetensors"), "--format", "jsonl", *extra])
+    record = json.loads((out / "transcripts.jsonl").read_text())
+    assert summary["system"] == "auto" and record["system"] == system and record["dialect"] == dialect
+    assert record["dialect_prob"] == pytest.approx(1.0 if head == "kham" else 1 / 3, abs=1e-3)
