@@ -55,7 +55,7 @@ def random_model(dims: ModelDimensions, mode: str = "full", lora_r: int = 32) ->
     torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
     del model.alignment_heads  # a sparse bool mask for word timestamps; fake tensors cannot hold sparse ones
     args = train.build_parser().parse_args(["--mode", mode, "--lora-r", str(lora_r), "--lora-alpha", str(2 * lora_r)])
-    train.prepare_model(model, args, total_steps=100, device="cpu")
+    model, _, _ = train.prepare_model(model, args, total_steps=100, device="cpu", labels=[])
     return model.train()
 
 
