@@ -36,7 +36,7 @@ from lora.adapters import set_active_adapter
 from research import robustness
 from scoring.evaluation import Routed, eval_batches, evaluate_systems, identify, summarize, token_limit
 from scoring.metrics import classification_summary, term_recall
-from scoring.systems import (RESERVED, added_vocabulary, check_dialect_id, checkpoint_spec, fit_mix, load_head,
+from scoring.systems import (RESERVED, add_routing_args, added_vocabulary, check_dialect_id, checkpoint_spec, fit_mix, load_head,
                              load_systems, parse_adapters, parse_audio_ctx, parse_routes, system_name,
                              trained_audio_ctx, uniform_mix)
 from scoring.tables import format_dialect_id, format_table, format_terms, write_chart, write_results
@@ -75,15 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--dialect", default=None, help="only these dialects (comma-separated)")
     p.add_argument("--max-samples", type=int, default=None, help="clips per dialect (default: all)")
     p.add_argument("--no-routed", action="store_true", help="do not add the routed system")
-    p.add_argument("--dialect-id", default=None, metavar="PATH",
-                   help="dialect-ID head (dialect_id.safetensors, or a train.py --task dialect-id run directory): "
-                        "scores it and, with adapters, adds routed-auto (each clip routed by its predicted dialect)")
-    p.add_argument("--route-threshold", type=float, default=None, metavar="P",
-                   help="routed-auto: a clip whose predicted dialect has probability under P goes to the fallback (default 0)")
-    p.add_argument("--route-fallback", default=None, metavar="base|mix|NAME",
-                   help="routed-auto: the system for a clip with no adapter for its predicted dialect or under the "
-                        "threshold: base, mix (uniform composition of the --adapter files), or an --adapter name "
-                        "(default mix)")
+    add_routing_args(p, "clip", "scores it and, with adapters, adds routed-auto (each clip routed by its predicted dialect)")
     p.add_argument("--systems", default=None, metavar="NAME,...",
                    help="decode only these systems (e.g. routed), skipping the others (default: all)")
     p.add_argument("--terms", help="file of domain terms, one per line: reports the recall of each per system")

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lora.adapters import set_active_adapter
-from scoring.systems import (check_dialect_id, load_head, load_systems, parse_adapters, parse_audio_ctx, parse_routes,
+from scoring.systems import (add_routing_args, check_dialect_id, load_head, load_systems, parse_adapters, parse_audio_ctx, parse_routes,
                              trained_audio_ctx, uniform_mix)
 from training.setup import choose_device, language_of, load_base
 from transcription.inputs import InputError, duration, expand, output_names
@@ -51,17 +51,10 @@ def parse_args(argv=None):
                    help="LoRA adapter file (or a train.py run directory holding adapter.safetensors); repeatable")
     p.add_argument("--system", default=None, metavar="NAME",
                    help="the --adapter to decode with, or base (default: the only adapter given, else base)")
-    p.add_argument("--dialect-id", default=None, metavar="PATH",
-                   help="dialect-ID head (dialect_id.safetensors or its train.py run directory): each recording is "
-                        "decoded with the --adapter of the dialect it predicts")
+    add_routing_args(p, "recording", "each recording is decoded with the --adapter of the dialect it predicts")
     p.add_argument("--route", action="append", default=[], metavar="auto|DIALECT=NAME",
                    help="with --dialect-id: decode a predicted DIALECT with adapter NAME (default: the adapter named "
                         "after it); auto: route by --dialect-id alone")
-    p.add_argument("--route-threshold", type=float, default=None, metavar="P",
-                   help="a recording whose predicted dialect has probability under P goes to --route-fallback (default 0)")
-    p.add_argument("--route-fallback", default=None, metavar="base|mix|NAME",
-                   help="the system for a recording with no adapter for its predicted dialect or under the threshold: "
-                        "base, mix (uniform composition of the --adapter files), or an --adapter name (default mix)")
     p.add_argument("--language", default="bo")
     p.add_argument("--language-fallback", default=None,
                    help="Whisper language token to reuse for a language Whisper lacks (e.g. bo for Dzongkha)")

@@ -183,6 +183,17 @@ def fit_mix(model, terms: list[str], dataset, collator, tokenizer, *, language: 
     return best, [(dict(zip(terms, k)), v) for k, v in tried.items()]
 
 
+def add_routing_args(p, unit: str, what: str) -> None:
+    """--dialect-id and the flags of routing by it (evaluate.py routes each clip, transcribe.py each recording)."""
+    p.add_argument("--dialect-id", default=None, metavar="PATH",
+                   help=f"dialect-ID head (dialect_id.safetensors, or a train.py --task dialect-id run directory): {what}")
+    p.add_argument("--route-threshold", type=float, default=None, metavar="P",
+                   help=f"a {unit} whose predicted dialect has probability under P goes to --route-fallback (default 0)")
+    p.add_argument("--route-fallback", default=None, metavar="base|mix|NAME",
+                   help=f"the system for a {unit} with no adapter for its predicted dialect or under the threshold: "
+                        "base, mix (uniform composition of the --adapter files), or an --adapter name (default mix)")
+
+
 def check_dialect_id(dialect_id, route_threshold, route_fallback, adapters: dict) -> dict | None:
     """{path, threshold, fallback} of --dialect-id and its routing flags (evaluate.py's and transcribe.py's), or
     None without --dialect-id."""
