@@ -126,6 +126,7 @@ def main(argv=None):
                     help="leave glibc's allocator as it is (evaluate.py keeps freed memory on a CPU; so does this "
                          "bench by default, for every system alike)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF generate row (needs bench/.venv-peers)")
+    ap.add_argument("--bf16", action="store_true", help="add rows of ours under CPU bf16 autocast (issue #22)")
     args = ap.parse_args(argv)
     if not args.no_hf and not os.path.isfile(PEERS_PYTHON):
         raise SystemExit(f"no {PEERS_PYTHON} for the HF generate row: python3 -m venv bench/.venv-peers && "
@@ -189,9 +190,19 @@ def main(argv=None):
                 texts[i] = h[0].text
         return texts
 
+    def bf16(fn):
+        # CPU bf16 autocast (issue #22): weights stay fp32, matmuls run in bf16 where the CPU has avx512_bf16/AMX
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn()
+        return run
+
     systems = [("transcribe (1 by 1)", transcribe_all), ("whisper.decode batched", whisper_batched),
                ("ours batched, 30 s", ours_full)]
     systems += [(f"ours dyn ctx +{m / 100:g} s", lambda m=m: ours_dynamic(m)) for m in MARGINS]
+    if args.bf16:
+        systems += [("ours bf16, 30 s", bf16(ours_full))]
+        systems += [(f"ours bf16 dyn +{m / 100:g} s", bf16(lambda m=m: ours_dynamic(m))) for m in MARGINS]
     if not args.no_hf:
         systems.insert(2, ("HF generate batched", hf_generate))
     # interleaved repeats, best wall time kept: other jobs share the CPU and only ever slow a run down
