@@ -36,9 +36,9 @@ from lora.adapters import set_active_adapter
 from research import robustness
 from scoring.evaluation import Routed, eval_batches, evaluate_systems, identify, summarize, token_limit
 from scoring.metrics import classification_summary, term_recall
-from scoring.systems import (RESERVED, add_routing_args, added_vocabulary, check_dialect_id, checkpoint_spec, fit_mix, load_head,
-                             load_systems, parse_adapters, parse_audio_ctx, parse_routes, system_name,
-                             trained_audio_ctx, uniform_mix)
+from scoring.systems import (RESERVED, add_routing_args, added_vocabulary, check_dialect_id, checkpoint_spec, fit_mix,
+                             label_routes, load_head, load_systems, parse_adapters, parse_audio_ctx, parse_routes,
+                             system_name, trained_audio_ctx)
 from scoring.tables import format_dialect_id, format_table, format_terms, write_chart, write_results
 from training.setup import choose_device, language_of, load_base
 from whisper_ft.dialect_id import choose_route, predict_dialect
@@ -256,15 +256,10 @@ def choose_systems(model, base_fp, plan: dict, data: list, args, device, head=No
 def routed_auto(model, head, adapters: list, files: list, routes: dict, spec: dict) -> Routed:
     """routed-auto: each clip's dialect predicted by `head` on the base's encoder, then the clip decoded with that
     dialect's adapter (--route DIALECT=NAME, else the adapter named after it) or with the fallback."""
-    route = {d: routes.get(d, d) for d in head.labels if routes.get(d, d) in adapters}
+    route, fallback = label_routes(model, head, routes, adapters, files, spec, "routed-auto")
     states = {"base": lambda: set_active_adapter(model, None)}
-    states.update({a: (lambda a=a: set_active_adapter(model, a)) for a in adapters})
-    fallback, threshold = spec["fallback"], spec["threshold"]
-    if fallback == "mix" and "mix" not in adapters:
-        mix = uniform_mix(model, files)
-        states["mix"] = lambda: set_active_adapter(model, mix)
-    print("routed-auto: " + ", ".join(f"{d} -> {route.get(d, fallback)}" for d in head.labels)
-          + f"; below probability {threshold:g}: {fallback}")
+    states.update({a: (lambda a=a: set_active_adapter(model, a)) for a in {*adapters, fallback} - {"base"}})
+    threshold = spec["threshold"]
 
     def choose(batch, mel):
         set_active_adapter(model, None)  # the head reads the encoder of the base it was trained on

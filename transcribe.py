@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from lora.adapters import set_active_adapter
-from scoring.systems import (add_routing_args, check_dialect_id, load_head, load_systems, parse_adapters, parse_audio_ctx, parse_routes,
-                             trained_audio_ctx, uniform_mix)
+from scoring.systems import (add_routing_args, check_dialect_id, label_routes, load_head, load_systems, parse_adapters,
+                             parse_audio_ctx, parse_routes, trained_audio_ctx)
 from training.setup import choose_device, language_of, load_base
 from transcription.inputs import InputError, duration, expand, output_names
 from transcription.longform import transcribe_waveform
@@ -136,13 +136,8 @@ def prepare_routing(model, base_fp, plan: dict, device) -> None:
     head = plan["head"] = load_head(plan["dialect_id"], base_fp, device)
     if head is None:
         return
-    names = [*plan["adapters"], *plan["mixes"]]
-    plan["route"] = {d: plan["routes"].get(d, d) for d in head.labels if plan["routes"].get(d, d) in names}
-    fallback = plan["dialect_id"]["fallback"]
-    plan["fallback"] = uniform_mix(model, list(plan["adapters"])) if fallback == "mix" and "mix" not in names \
-        else fallback
-    print("routing: " + ", ".join(f"{d} -> {plan['route'].get(d, fallback)}" for d in head.labels)
-          + f"; below probability {plan['dialect_id']['threshold']:g}: {fallback}")
+    plan["route"], plan["fallback"] = label_routes(model, head, plan["routes"], [*plan["adapters"], *plan["mixes"]],
+                                                   list(plan["adapters"]), plan["dialect_id"], "routing")
 
 
 def main(argv=None) -> dict:
@@ -201,7 +196,6 @@ def transcribe_all(model, tokenizer, plan: dict, args) -> dict:
             continue
         system, dialect, prob = choose_system(wav, plan, model)
         set_active_adapter(model, None if system == "base" else system)
-        system = "mix" if system == "_route_mix" else system
         progress = Progress(bar, seconds[path] or 0.0)
         tr = transcribe_waveform(model, wav, tokenizer, audio_ctx=plan["audio_ctx"], batch_size=args.batch_size,
                                  beam_size=args.beam_size, on_batch=progress.advance)

@@ -231,7 +231,14 @@ def load_head(spec: dict | None, base_fp: str, device):
     return head
 
 
-def uniform_mix(model, files) -> str:
-    """The uniform composition of the adapter files, added to `model` once: --route-fallback mix."""
-    compose(model, "_route_mix", {a: 1 / len(files) for a in files})
-    return "_route_mix"
+def label_routes(model, head, routes: dict, names, files, spec: dict, system: str) -> tuple[dict, str]:
+    """How `system` routes by a dialect-ID head: ({label: adapter name}, the fallback system). A label goes to the
+    adapter --route names for it, else to the adapter named after it; the fallback "mix" (where no --adapter is
+    called mix) is the uniform composition of the adapter files, composed into `model` here under that name."""
+    route = {d: routes.get(d, d) for d in head.labels if routes.get(d, d) in names}
+    fallback = spec["fallback"]
+    if fallback == "mix" and "mix" not in names:
+        compose(model, "mix", {a: 1 / len(files) for a in files})
+    print(f"{system}: " + ", ".join(f"{d} -> {route.get(d, fallback)}" for d in head.labels)
+          + f"; below probability {spec['threshold']:g}: {fallback}")
+    return route, fallback
