@@ -172,12 +172,7 @@ def load_manifest(path, *, language="bo", mapping=None, text_column=None, dialec
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"manifest {path} does not exist")
-    if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    rows = read_manifest_rows(path)
     if max_rows is not None:
         rows = rows[:max_rows]
     if not rows:
@@ -196,6 +191,16 @@ def load_manifest(path, *, language="bo", mapping=None, text_column=None, dialec
         out.append(Example(id=str(r.get("id") or f"{path.stem}:{i}"), audio=str(audio), text=str(r[text_key] or ""),
                            dialect=dialect, language=lang, duration=float(dur) if dur not in (None, "") else None))
     return out
+
+
+def read_manifest_rows(path: Path) -> list:
+    """The rows of a .jsonl (one JSON object per line) / .csv / .tsv file, as dicts; OSError or ValueError
+    (json's) for a file that cannot be read."""
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
 
 
 def _resolve_audio(base: Path, rel: str, audio_dirs) -> Path:

@@ -3,12 +3,12 @@
 A path that does not exist is a typo: one line before any work. A file inside a directory or a manifest that
 turns out unreadable is not: it is reported by name with the others still transcribed (transcribe.py).
 """
-import csv
-import json
 import os
 from pathlib import Path
 
 import soundfile as sf
+
+from data.sources import read_manifest_rows
 
 MANIFESTS = (".jsonl", ".csv", ".tsv")
 # what libsndfile reads (soundfile.available_formats), as file name endings; other files in a directory are ignored
@@ -42,11 +42,7 @@ def expand(paths) -> list:
 def manifest_audio(path: Path) -> list:
     """The `audio` entries of a .jsonl / .csv / .tsv manifest, resolved against its directory."""
     try:
-        if path.suffix.lower() == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+        rows = read_manifest_rows(path)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read this manifest ({e})") from None
     missing = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not r.get("audio")]
