@@ -680,15 +680,15 @@ def evaluate(run: Run, system: str) -> dict:
 
 
 def evaluate_dialect_id(run: Run) -> dict:
-    """Accuracy, per-dialect recall and the confusion matrix of the head on the test set (rank 0; {} elsewhere)."""
-    if run.is_main:
-        found = identify(run.model.whisper, run.model.head, run.eval_dataset, run.eval_collator,
-                         batch_size=run.args.eval_batch_size, device=run.device)
-        result = classification_summary([r["dialect"] for r in found], [r["predicted"] for r in found], run.labels)
-        run.model.train()
+    """Accuracy, per-dialect recall and the confusion matrix of the head on the test set (on rank 0, which
+    evaluate() alone sends here; the others wait at the barrier)."""
+    found = identify(run.model.whisper, run.model.head, run.eval_dataset, run.eval_collator,
+                     batch_size=run.args.eval_batch_size, device=run.device)
+    result = classification_summary([r["dialect"] for r in found], [r["predicted"] for r in found], run.labels)
+    run.model.train()
     if run.world > 1:
         torch.distributed.barrier()
-    return result if run.is_main else {}
+    return result
 
 
 def save(run: Run, state: TrainState, *, is_best: bool = False) -> None:
