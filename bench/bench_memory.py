@@ -53,7 +53,7 @@ def main():
         ours, kind = peak(path, mode, 4, 4, extra)
         plain, _ = peak(path, mode, 16, 1, extra)
         rows.append((f"{name} {mode}", ours, plain, kind))
-    print(f"| config (effective batch 16) | ours 4x4 MB | plain 16x1 MB | ours/plain | measured |")
+    print("| config (effective batch 16) | ours 4x4 MB | plain 16x1 MB | ours/plain | measured |")
     print("|---|---|---|---|---|")
     for label, ours, plain, kind in rows:
         print(f"| {label} | {ours:.0f} | {plain:.0f} | {ours / plain:.2f} | {kind} |")

@@ -148,7 +148,6 @@ class NaiveLoRA:
 
 
 def setup_naive(cfg, device):
-    import torch
     import torch.nn.functional as F
 
     model = openai_whisper(cfg["dims"])

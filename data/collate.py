@@ -13,13 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from whisper_ft.audio import N_FRAMES, AudioError, check_waveform, log_mel, n_frames_of, read_audio
+from whisper_ft.encoder import audio_ctx_value
 from whisper_ft.text import IGNORE_INDEX, N_TEXT_CTX, normalize_text, target_tokens
 
 log = logging.getLogger(__name__)
 
 AUTO_MULTIPLE = 100  # "auto" context rounds frames up to this: 100 frames = 1 s = 50 encoder positions
-
-
 @dataclass
 class Batch:
     mel: torch.Tensor  # [B, n_mels, T] float32 log-mel, T = the batch's encoder input frames
@@ -92,11 +91,12 @@ class SpeechDataset(Dataset):
 
 def batch_frames(audio_ctx, n_frames: list[int]) -> int:
     """Mel frames a batch is cropped/padded to: 3000 for "full"; for "auto" its longest clip rounded up to
-    AUTO_MULTIPLE; an int as given."""
+    AUTO_MULTIPLE, for "auto+N" the same after adding N frames; an int as given."""
     if audio_ctx == "full":
         return N_FRAMES
-    if audio_ctx == "auto":
-        longest = max(max(n_frames), 1)
+    if isinstance(audio_ctx, str) and audio_ctx.startswith("auto"):
+        margin = int(audio_ctx[len("auto+"):] or 0)
+        longest = max(max(n_frames), 1) + margin
         return min(N_FRAMES, math.ceil(longest / AUTO_MULTIPLE) * AUTO_MULTIPLE)
     return audio_ctx
 
@@ -106,15 +106,16 @@ class Collator:
 
     audio_ctx: "full" pads to 3000 frames (what Whisper was trained on); "auto" crops to the longest clip
     rounded up to a multiple of 100 frames (faster on short clips; the encoder then sees T/2 positions);
-    an int crops/pads every batch to that many frames (even, <= 3000).
+    "auto+N" keeps N frames of padding after that clip; an int crops/pads every batch to that many frames
+    (even, <= 3000).
     Every example is prefixed with the tokenizer's language and task; texts are normalised per their
     own Example.language. With `labels` (a dialect list), batches carry each clip's index in it (-100: none).
     """
 
     def __init__(self, tokenizer, *, n_mels: int = 80, audio_ctx="full", task: str = "transcribe", labels=None):
-        if audio_ctx not in ("full", "auto"):
-            if not isinstance(audio_ctx, int) or not 0 < audio_ctx <= N_FRAMES or audio_ctx % 2:
-                raise ValueError(f"audio_ctx {audio_ctx!r}: expected 'full', 'auto' or an even int in (0, {N_FRAMES}]")
+        if audio_ctx_value(audio_ctx) != audio_ctx:  # "1500" (a string) would crop by string comparison later
+            raise ValueError(f"audio_ctx {audio_ctx!r}: expected 'full', 'auto', 'auto+N' or an even int in "
+                             f"(0, {N_FRAMES}]")
         self.tokenizer, self.n_mels, self.audio_ctx, self.task = tokenizer, n_mels, audio_ctx, task
         self.labels = {d: i for i, d in enumerate(labels)} if labels is not None else None
 

@@ -49,12 +49,13 @@ def token_limit(dataset, tokenizer) -> int:
 @torch.no_grad()
 def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, language: str, batch_size: int = 16,
                      beam_size: int = 1, max_tokens: int | None = None, device="cpu", n_examples: int = 3,
-                     timings: dict | None = None):
+                     timings: dict | None = None, precision: str = "fp32"):
     """Return ({system: {dialect: metrics, "_macro": ..., "_micro": ..., "_examples": example_pairs(...)}},
     per-utterance records); n_examples: clips per dialect in "_examples".
 
     A system is `activate(dialect)` or a `Routed`. `timings`, when given, gets each system's decoding seconds
-    added (a Routed system's choosing included). Puts `model` in eval mode (no dropout while decoding); a caller
+    added (a Routed system's choosing included). `precision`: decode()'s ("bf16": encoder under bf16 autocast).
+    Puts `model` in eval mode (no dropout while decoding); a caller
     that trains afterwards calls .train()."""
     model.eval()
     max_tokens = max_tokens or token_limit(dataset, tokenizer)
@@ -65,7 +66,7 @@ def evaluate_systems(model, dataset, collator, tokenizer, systems: dict, *, lang
             start = time.perf_counter()
             for rows, fields in _parts(activate, dialect, batch, mel):
                 hyps = decode(model, mel if len(rows) == len(batch) else mel[rows], tokenizer, beam_size=beam_size,
-                              max_tokens=max_tokens)
+                              max_tokens=max_tokens, precision=precision)
                 for i, best in zip(rows, (h[0] for h in hyps)):
                     records.append({"system": system, "dialect": dialect, "id": batch.ids[i], "ref": batch.texts[i],
                                     "hyp": best.text, "looped": best.looped, **fields.get(i, {})})

@@ -9,6 +9,7 @@ from lora.inject import remove_adapter, set_active_adapter
 from lora.layers import check_adapter_name
 from scoring.evaluation import evaluate_systems
 from whisper_ft.dialect_id import load_dialect_id
+from whisper_ft.encoder import audio_ctx_value
 from whisper_ft.vocab import adapter_tokens, set_added_tokens
 
 RESERVED = ("base", "routed", "routed-auto")
@@ -109,12 +110,11 @@ def parse_routes(values, adapters: dict) -> dict:
 
 
 def parse_audio_ctx(value: str):
-    """--audio-ctx: "full", "auto", or an even number of frames <= 3000; one line otherwise."""
-    if value in ("full", "auto"):
-        return value
-    if not value.isdigit() or int(value) % 2 or not 0 < int(value) <= 3000:
-        raise SystemExit(f"error: --audio-ctx {value!r}: expected full, auto, or an even number of frames <= 3000")
-    return int(value)
+    """--audio-ctx: "full", "auto", "auto+N" or an even number of frames <= 3000; one line otherwise."""
+    try:
+        return audio_ctx_value(value)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def trained_audio_ctx(adapters: dict) -> str:

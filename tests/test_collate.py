@@ -8,6 +8,7 @@ from data.collate import Batch, Collator, SpeechDataset, make_loader
 from data.samplers import DialectSampler
 from data.sources import Example
 from whisper_ft.audio import SAMPLE_RATE, log_mel, read_audio
+from whisper_ft.encoder import audio_ctx_value
 from whisper_ft.text import normalize_text
 
 
@@ -61,8 +62,26 @@ def test_auto_and_fixed_context_crop(examples, tokenizer):
     torch.testing.assert_close(auto(items).mel, full[..., :300])  # a crop of the same features
     fixed = Collator(tokenizer, audio_ctx=200)(items)
     assert fixed.mel.shape == (3, 80, 200) and fixed.n_frames.tolist() == [123, 200, 40]
-    with pytest.raises(ValueError, match="even int"):
+    with pytest.raises(ValueError, match="even number of frames"):
         Collator(tokenizer, audio_ctx=201)
+    with pytest.raises(ValueError, match="'auto', 'auto\+N' or an even int"):
+        Collator(tokenizer, audio_ctx="800")  # a string where an int is meant
+    margin = Collator(tokenizer, audio_ctx="auto+1500")  # the longest clip + 15 s of padding, rounded up
+    assert margin(items).mel.shape == (3, 80, 1800)  # 250 + 1500 -> 1800
+    assert Collator(tokenizer, audio_ctx="auto+3000")(items).mel.shape[-1] == 3000  # never past the window
+    torch.testing.assert_close(margin(items).mel, full[..., :1800])
+
+
+@pytest.mark.parametrize("value,parsed", [("full", "full"), ("auto", "auto"), ("auto+1500", "auto+1500"),
+                                          ("800", 800), (800, 800), ("auto+0100", "auto+100")])
+def test_audio_ctx_values(value, parsed):
+    assert audio_ctx_value(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["auto+15", "auto+", "auto+-2", "123", "3002", "0", "auto-100", "half"])
+def test_audio_ctx_wrong_values_are_one_line(value):
+    with pytest.raises(ValueError, match=r"expected full, auto, auto\+N or an even number of frames"):
+        audio_ctx_value(value)
 
 
 def test_bad_clip_found_late_is_dropped_and_counted(examples, tokenizer, tmp_path):

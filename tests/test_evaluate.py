@@ -249,6 +249,7 @@ def test_bad_clips_are_skipped_counted_and_reported(setup, tmp_path, capsys):
     (["--checkpoint", "{gp}"], "garbage.pt: "),  # models.py words the reason
     (["--data", "/no/such/manifest.jsonl"], "does not exist"),
     (["--audio-ctx", "123"], "--audio-ctx"),
+    (["--audio-ctx", "auto+15"], "expected full, auto, auto+N"),
     (["--terms", "/no/such/terms.txt"], "--terms"),
     (["--adapter", "amdo={a}", "--systems", "routd"], "--systems routd: no such system"),
 ])
@@ -332,6 +333,9 @@ def test_adapters_are_decoded_with_the_encoder_context_they_were_trained_with(se
     assert json.loads((tmp_path / "a" / "results.json").read_text())["_meta"]["audio_ctx"] == "auto"
     evaluate.main(args + ["--audio-ctx", "full", "--out", str(tmp_path / "b")])  # the flag still wins
     assert json.loads((tmp_path / "b" / "results.json").read_text())["_meta"]["audio_ctx"] == "full"
+    evaluate.main(args + ["--audio-ctx", "auto+400", "--precision", "bf16", "--out", str(tmp_path / "m")])
+    meta = json.loads((tmp_path / "m" / "results.json").read_text())["_meta"]
+    assert (meta["audio_ctx"], meta["precision"]) == ("auto+400", "bf16")
     with pytest.raises(SystemExit, match="different --audio-ctx"):
         evaluate.main(args + ["--adapter", f"kham={setup / 'kham.safetensors'}", "--out", str(tmp_path / "c")])
 

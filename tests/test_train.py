@@ -332,7 +332,7 @@ def test_sigint_saves_a_resumable_checkpoint(setup, tmp_path):
     (["--lr", "-1"], "--lr -1.0: must be a positive number"),
     (["--lora-r", "0"], "--lora-r 0: must be a positive integer"),
     (["--lora-dropout", "1.5"], "--lora-dropout 1.5: must be in [0, 1)"),
-    (["--audio-ctx", "banana"], "--audio-ctx banana: expected full, auto"),
+    (["--audio-ctx", "banana"], "--audio-ctx 'banana': expected full, auto, auto+N"),
     (["--mode", "lora", "--freeze-encoder"], "--freeze-encoder is for --mode full"),
     (["--mode", "full", "--base-8bit"], "--base-8bit is for --mode lora only"),
 ])

@@ -79,7 +79,7 @@ def _hyp(text, looped=False, avg=-0.1):
 def test_a_looped_window_is_decoded_again_with_beam_search_and_counted(monkeypatch):
     calls = []
 
-    def fake_decode(model, mel, tokenizer, *, audio_features, beam_size, max_tokens):
+    def fake_decode(model, mel, tokenizer, *, audio_features, beam_size, max_tokens, precision):
         calls.append((audio_features.shape[0], beam_size))
         if beam_size == 1:
             return [[_hyp("loop loop loop", looped=True)], [_hyp("fine")], [_hyp("again again", looped=True)]]
@@ -294,6 +294,11 @@ def test_the_adapter_decodes_with_the_context_it_was_trained_with(tiny, capsys):
     forced = transcribe.main([str(tiny / "a.wav"), "--model", str(tiny / "tiny.pt"), "--out", str(tiny / "out3"),
                               "--adapter", f"amdo={tiny / 'amdo.safetensors'}", "--audio-ctx", "full"])
     assert forced["audio_ctx"] == "full"
+    fast = transcribe.main([str(tiny / "a.wav"), "--model", str(tiny / "tiny.pt"), "--out", str(tiny / "out4"),
+                            "--adapter", f"amdo={tiny / 'amdo.safetensors'}", "--audio-ctx", "auto+1500",
+                            "--precision", "bf16", "--format", "jsonl"])
+    assert (fast["audio_ctx"], fast["precision"]) == ("auto+1500", "bf16")
+    assert json.loads((tiny / "out4" / "transcripts.jsonl").read_text())["windows"] == 1
 
 
 @pytest.mark.parametrize("head, extra, system, dialect", [

@@ -57,7 +57,7 @@ class Transcript:
 
 @torch.no_grad()
 def transcribe_waveform(model, wav: np.ndarray, tokenizer, *, audio_ctx="full", batch_size: int = 16,
-                        beam_size: int = 1, on_batch=None) -> Transcript:
+                        beam_size: int = 1, on_batch=None, precision: str = "fp32") -> Transcript:
     """Transcript of `wav` (16 kHz mono float32, any length). Windows are batched longest first (least padding);
     `on_batch(seconds)` is called after each batch with the audio seconds it covered (for a progress bar)."""
     model.eval()
@@ -66,27 +66,28 @@ def transcribe_waveform(model, wav: np.ndarray, tokenizer, *, audio_ctx="full", 
     found = []
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
-        found += _decode_batch(model, [wav[a:b] for a, b in batch], batch, tokenizer, audio_ctx, beam_size, out)
+        found += _decode_batch(model, [wav[a:b] for a, b in batch], batch, tokenizer, audio_ctx, beam_size, out,
+                               precision)
         if on_batch is not None:
             on_batch(sum(b - a for a, b in batch) / SAMPLE_RATE)
     out.segments = sorted(found, key=lambda s: s.start)
     return out
 
 
-def _decode_batch(model, clips, spans, tokenizer, audio_ctx, beam_size, out: Transcript) -> list:
+def _decode_batch(model, clips, spans, tokenizer, audio_ctx, beam_size, out: Transcript, precision="fp32") -> list:
     """[Segment] of one batch of windows; `out`'s counters are updated."""
     n_frames = [n_frames_of(c.size) for c in clips]
     T = batch_frames(audio_ctx, n_frames)
     mel = torch.stack([log_mel(c, model.dims.n_mels)[:, :T] for c in clips])
-    xa = audio_features_for(model, mel)
+    xa = audio_features_for(model, mel, precision)
     p_none = no_speech_probs(model, xa, tokenizer)
     hyps = [h[0] for h in decode(model, None, tokenizer, audio_features=xa, beam_size=beam_size,
-                                 max_tokens=MAX_TOKENS)]
+                                 max_tokens=MAX_TOKENS, precision=precision)]
     looped = [i for i, h in enumerate(hyps) if h.looped]
     out.looped_windows += len(looped)
     if looped:
         again = decode(model, None, tokenizer, audio_features=xa[looped], beam_size=max(FALLBACK_BEAM, beam_size),
-                       max_tokens=MAX_TOKENS)
+                       max_tokens=MAX_TOKENS, precision=precision)
         for i, h in zip(looped, again):
             hyps[i] = h[0]
         out.looped_after_fallback += sum(hyps[i].looped for i in looped)

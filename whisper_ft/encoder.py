@@ -16,6 +16,27 @@ import types
 import torch
 import torch.nn.functional as F
 
+AUDIO_CTX_HELP = ("full (30 s windows), auto (crop to the batch's longest clip), auto+N (the same plus N frames of "
+                  "the window's padding; auto+1500 keeps the released models' text far more often, see bench/README.md), "
+                  "or an even frame count <= 3000")
+
+
+def audio_ctx_value(value):
+    """--audio-ctx's value -> "full", "auto", "auto+N" (N even frames) or an even int <= 3000; ValueError otherwise.
+
+    auto+N keeps N frames (10 ms each) of the window's zero padding after the batch's longest clip: the
+    released models never saw a window shorter than 30 s, and how much padding follows the speech changes
+    what they write (bench/bench_decode.py measures it); N = 1500 keeps 15 s of it."""
+    text = str(value)
+    if text in ("full", "auto"):
+        return text
+    margin = text[len("auto+"):] if text.startswith("auto+") else None
+    number = margin if margin is not None else text
+    if not number.isdigit() or int(number) % 2 or not 0 < int(number) <= 3000:
+        raise ValueError(f"--audio-ctx {text!r}: expected full, auto, auto+N or an even number of frames <= 3000 "
+                         f"(N: even frames of padding, 10 ms each)")
+    return f"auto+{int(number)}" if margin is not None else int(number)
+
 
 def check_mel(model, mel: torch.Tensor) -> None:
     """Raise ValueError naming the problem unless mel is [B, n_mels, T] with an even T <= 2*n_audio_ctx."""
