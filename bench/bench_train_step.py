@@ -19,13 +19,14 @@ child's max RSS from os.wait4 on CPU, CUDA peak allocated on a GPU. Rows:
                  as train.py --audio-ctx auto cuts it; peers cannot shorten the window, so their 30 s rows
                  are what such clips cost them (the zero padding costs the same as speech)
   ... bf16       ours LoRA under CPU bf16 autocast, where the CPU has avx512_bf16; its losses are printed
-                 next to fp32's at the same inputs and steps
+                 next to fp32's at the same inputs and steps; HF+PEFT (kept heap) under the same autocast
   ... kept heap  HF+PEFT with the allocator setting ours runs with on a CPU (training/memory.py:
                  freed memory stays in the heap, so activations do not arrive as fresh pages every step),
                  to show how much of ours' lead that setting is
 Model FLOPs of one step are counted with torch.utils.flop_counter.FlopCounterMode on the warm-up step
 (matmuls, convolutions, attention; the CPU flash-attention kernels added below), and shown as a fraction of
-the fp32 GEMM peak measured in this run (a large torch.matmul). Other work shares the CPU: configurations
+the fp32 GEMM peak measured in this run (the best of a 2048^3 torch.matmul sampled before, between and after
+the configurations: a shared machine's speed drifts by 20% over a day). Other work shares the CPU: configurations
 are interleaved and the load average is printed; the ratios are what matter.
 """
 import argparse
@@ -202,8 +203,11 @@ def setup_hf(cfg, device):
                                              target_modules=["q_proj", "v_proj"]))
     model.to(device).train()
     mel, _, dec, tgt = (t.to(device) for t in make_inputs(False))
-    return (*plain_loop_step(model, lambda: model(input_features=mel, decoder_input_ids=dec, labels=tgt).loss),
-            model)
+
+    def loss_fn():  # bf16: the same CPU autocast as ours' bf16 row, as a tutorial adds it
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16"):
+            return model(input_features=mel, decoder_input_ids=dec, labels=tgt).loss
+    return (*plain_loop_step(model, loss_fn), model)
 
 
 def flop_counter():
@@ -269,8 +273,9 @@ def worker(cfg) -> dict:
 
 
 # -- the driver ------------------------------------------------------------------------------------------
-def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 FLOP/s of an n x n matmul with `threads` threads (in this process)."""
+def gemm_peak(threads: int, n: int = 2048, repeats: int = 20) -> float:
+    """Best fp32 FLOP/s of an n x n matmul with `threads` threads (in this process), into a preallocated output
+    (a fresh 16 MB output per call pays page faults that no step of a kept heap pays)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -278,13 +283,13 @@ def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
     cuda = torch.cuda.is_available()
     if cuda:
         a, b = a.cuda(), b.cuda()
-    torch.matmul(a, b)
+    c = torch.matmul(a, b)
     best = math.inf
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        torch.matmul(a, b)
+        torch.matmul(a, b, out=c)
         if cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
@@ -339,7 +344,7 @@ def configs(dims_name, common, bf16):
            dict(c, system="ours", mode="full"),
            dict(c, system="ours", short=True), dict(c, system="ours", mode="full", short=True)]
     if bf16:
-        out.append(dict(c, system="ours", amp="bf16"))
+        out += [dict(c, system="ours", amp="bf16"), dict(c, system="hf", amp="bf16", kept_heap=True)]
     return out
 
 
@@ -395,17 +400,17 @@ def main(argv=None):
             r["rss"].append(out.get("cuda_peak_mb", out["rss_mb"]))
             print(f"  {cfg['dims']} {key[1]}: median step {statistics.median(out['times']):.2f} s, "
                   f"peak {r['rss'][-1]:.0f} MB ({time.time() - t0:.0f} s, load {loads[-1]:.2f})", flush=True)
-    peaks.append(gemm_peak(args.threads))
+            peaks.append(gemm_peak(args.threads))  # between configurations: the machine's speed drifts too
     peak = max(peaks)
-    print(f"\nfp32 GEMM peak (2048^3 matmul, best of start/end): {peak / 1e9:.1f} GFLOP/s; load average during "
-          f"the run {min(loads):.2f}-{max(loads):.2f} (1 min)")
+    print(f"\nfp32 GEMM peak (2048^3 matmul, best of {len(peaks)} samples across the run): {peak / 1e9:.1f} GFLOP/s "
+          f"(lowest sample {min(peaks) / 1e9:.1f}); load average during the run {min(loads):.2f}-{max(loads):.2f} (1 min)")
     print(report(results, peak, "CUDA peak allocated" if torch.cuda.is_available() else "max RSS"))
 
 
 def report(results, peak, mem_kind) -> str:
-    lines = [f"| dims | config | samples/s | x HF+PEFT | step s | trainable | peak MB ({mem_kind}) | mem x HF+PEFT | "
-             f"GFLOP/step | GFLOP/s | % GEMM peak | loss step 1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| dims | config | samples/s | x HF+PEFT | x HF+PEFT same heap and precision | step s | trainable | "
+             f"peak MB ({mem_kind}) | mem x HF+PEFT | GFLOP/step | GFLOP/s | % GEMM peak | loss step 1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     bf16_notes = []
     for (dims, name), r in results.items():
         t = statistics.median(r["times"])
@@ -413,11 +418,15 @@ def report(results, peak, mem_kind) -> str:
         hf = results.get((dims, "HF+PEFT LoRA"))
         x_sps = f"{sps / (BATCH / statistics.median(hf['times'])):.2f}x" if hf else "n/a"
         x_mem = f"{mem / max(hf['rss']):.2f}x" if hf else "n/a"
-        lines.append(f"| {dims} | {name} | {sps:.3f} | {x_sps} | {t:.2f} | {r['trainable']:,} | {mem:.0f} | {x_mem} | "
+        # the peer given what ours runs with: the kept heap (train.py on a CPU) and the same autocast
+        same = results.get((dims, "HF+PEFT LoRA" + (", bf16 autocast" if r["cfg"]["amp"] == "bf16" else "")
+                            + ", kept heap"))
+        x_same = f"{statistics.median(same['times']) / t:.2f}x" if same and r["cfg"]["system"] == "ours" else ""
+        lines.append(f"| {dims} | {name} | {sps:.3f} | {x_sps} | {x_same} | {t:.2f} | {r['trainable']:,} | {mem:.0f} | {x_mem} | "
                      f"{r['flops'] / 1e9:.0f} | {r['flops'] / t / 1e9:.1f} | {100 * r['flops'] / t / peak:.0f}% | "
                      f"{r['losses'][0]:.4f} |")
         fp32 = results.get((dims, "ours LoRA"))
-        if r["cfg"]["amp"] == "bf16" and fp32:
+        if r["cfg"]["amp"] == "bf16" and r["cfg"]["system"] == "ours" and fp32:
             pairs = list(zip(fp32["losses"], r["losses"]))
             diffs = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in pairs)
             worst = max(abs(a - b) / abs(a) for a, b in pairs)
