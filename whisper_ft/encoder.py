@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 AUDIO_CTX_HELP = ("full (30 s windows), auto (crop to the batch's longest clip), auto+N (the same plus N frames of "
-                  "the window's padding; auto+1500 keeps the released models' text far more often, see bench/README.md), "
-                  "or an even frame count <= 3000")
+                  "the window's padding; auto+1800 kept the base model's 30 s text on 16/16 bench clips: "
+                  "bench/README.md), or an even frame count <= 3000")
 
 
 def audio_ctx_value(value):
@@ -26,7 +26,7 @@ def audio_ctx_value(value):
 
     auto+N keeps N frames (10 ms each) of the window's zero padding after the batch's longest clip: the
     released models never saw a window shorter than 30 s, and how much padding follows the speech changes
-    what they write (bench/bench_decode.py measures it); N = 1500 keeps 15 s of it."""
+    what they write (bench/bench_decode.py measures it); N = 1800 keeps 18 s of it."""
     text = str(value)
     if text in ("full", "auto"):
         return text
