@@ -40,7 +40,7 @@ from scoring.systems import (RESERVED, add_routing_args, added_vocabulary, check
                              label_routes, load_head, load_systems, parse_adapters, parse_audio_ctx, parse_routes,
                              system_name, trained_audio_ctx)
 from scoring.tables import format_dialect_id, format_table, format_terms, write_chart, write_results
-from training.setup import choose_device, language_of, load_base
+from training.setup import choose_device, language_of, load_base, precision_note
 from whisper_ft.dialect_id import choose_route, predict_dialect
 from whisper_ft.decoding import PRECISIONS
 from whisper_ft.encoder import AUDIO_CTX_HELP, enable_dynamic_audio_ctx
@@ -148,6 +148,8 @@ def run(args, argv) -> dict:
     """Check every argument, load the test sets, decode them under every system, score, write the tables."""
     plan = check_args(args)  # before anything slow: a wrong flag costs seconds
     device = choose_device(args.device)
+    if note := precision_note(args.precision, device):
+        print(note)
     data, skipped = load_data(plan, args)
     model, base_fp = load_base(args.model, device, base_8bit=args.base_8bit)
     model.to(device)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from lora.adapters import set_active_adapter
 from scoring.systems import (add_routing_args, check_dialect_id, label_routes, load_head, load_systems, parse_adapters,
                              parse_audio_ctx, parse_routes, trained_audio_ctx)
-from training.setup import choose_device, language_of, load_base
+from training.setup import choose_device, language_of, load_base, precision_note
 from transcription.inputs import InputError, duration, expand, output_names
 from transcription.longform import transcribe_waveform
 from transcription.windows import speech_windows
@@ -159,6 +159,8 @@ def run(args, argv) -> dict:
     """Check the arguments, load the model and adapters, transcribe every recording, write the summary."""
     plan = check_args(args)
     device = choose_device(args.device)
+    if note := precision_note(args.precision, device):
+        print(note)
     model, base_fp = load_base(args.model, device)
     model.to(device)
     load_systems(model, base_fp, plan["adapters"], plan["mixes"])

@@ -329,14 +329,6 @@ def label(cfg) -> str:
     return s
 
 
-def bf16_supported() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in f.read()
-    except OSError:
-        return False
-
-
 def configs(dims_name, common, bf16):
     """The order configurations run in: peers and ours alternate, so a load change hits both."""
     c = dict(common, dims=dims_name, short=False, amp="fp32", mode="lora")
@@ -378,7 +370,10 @@ def main(argv=None):
     import torch
 
     dims_list = ["tiny"] if args.quick else args.dims.split(",")
-    bf16 = bf16_supported() and not torch.cuda.is_available()
+    sys.path.insert(0, ROOT)
+    from training.setup import cpu_has_bf16
+
+    bf16 = cpu_has_bf16() and not torch.cuda.is_available()
     plan = [c for d in dims_list for c in configs(d, common, bf16)]
     if args.only:
         plan = [c for c in plan if c["system"] in args.only.split(",")]

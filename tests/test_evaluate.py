@@ -349,3 +349,13 @@ def test_any_label_set_and_row_caps_from_the_command_line(setup, tmp_path):
     assert res["base"]["golok"]["n"] == 3 and res["base"]["amdo"]["n"] == 1  # 4 rows of 6: the file's first 4
     res = evaluate.main(base + ["--dialect-map", "golok=amdo", "--out", str(tmp_path / "c2")])
     assert res["base"]["amdo"]["n"] == 6 and "golok" not in res["base"]
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_named(monkeypatch):
+    from training import setup as training_setup
+
+    monkeypatch.setattr(training_setup, "cpu_has_bf16", lambda: False)
+    assert "slower than fp32" in training_setup.precision_note("bf16", "cpu")
+    assert training_setup.precision_note("fp32", "cpu") is None and training_setup.precision_note("bf16", "cuda") is None
+    monkeypatch.setattr(training_setup, "cpu_has_bf16", lambda: True)
+    assert training_setup.precision_note("bf16", "cpu") is None

@@ -48,6 +48,24 @@ def choose_device(device: str) -> str:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX); elsewhere torch emulates it, slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: unknown, assume yes rather than warn wrongly
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_note(precision: str, device: str) -> str | None:
+    """A line for --precision bf16 on a CPU that would only emulate it (decoding then runs slower, not faster)."""
+    if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
+        return ("note: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16): --precision bf16 is emulated "
+                "here and slower than fp32")
+    return None
+
+
 def autocast_for(amp: str, device: str):
     """(autocast context, autocast dtype or None, whether a GradScaler is needed) for --amp on `device`."""
     dtype, use_scaler = resolve_amp(amp, device)

@@ -205,7 +205,7 @@ def decode(model, mel: Optional[torch.Tensor], tokenizer, *, beam_size: int = 1,
     Ranking as whisper: sum_logprob / length, or / ((5 + length) / 6) ** length_penalty.
     loop_guard stops a looping sequence early; `looped` is reported either way.
     precision: "fp32" (the model's dtype throughout) or "bf16" (encoder and cross-attention keys and values
-    under bf16 autocast: ~1.5x faster at 30 s windows on a CPU with avx512_bf16, see bench/README.md).
+    under bf16 autocast: ~1.8x faster at 30 s windows on a CPU with avx512_bf16, see bench/README.md).
     """
     if beam_size < 1 or not 1 <= nbest <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got beam_size={beam_size}, "
