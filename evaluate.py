@@ -36,14 +36,13 @@ from lora.adapters import set_active_adapter
 from research import robustness
 from scoring.evaluation import Routed, eval_batches, evaluate_systems, identify, summarize, token_limit
 from scoring.metrics import classification_summary, term_recall
-from scoring.systems import (RESERVED, add_routing_args, added_vocabulary, check_dialect_id, checkpoint_spec, fit_mix,
-                             label_routes, load_head, load_systems, parse_adapters, parse_audio_ctx, parse_routes,
-                             system_name, trained_audio_ctx)
+from scoring.systems import (RESERVED, add_decoding_args, add_routing_args, added_vocabulary, check_dialect_id,
+                             checkpoint_spec, fit_mix, label_routes, load_head, load_systems, parse_adapters,
+                             parse_audio_ctx, parse_routes, system_name, trained_audio_ctx)
 from scoring.tables import format_dialect_id, format_table, format_terms, write_chart, write_results
 from training.setup import choose_device, language_of, load_base, precision_note
 from whisper_ft.dialect_id import choose_route, predict_dialect
-from whisper_ft.decoding import PRECISIONS
-from whisper_ft.encoder import AUDIO_CTX_HELP, enable_dynamic_audio_ctx
+from whisper_ft.encoder import enable_dynamic_audio_ctx
 from whisper_ft.models import ModelSpecError, fingerprint, load_model
 from whisper_ft.text import tokenizer_for
 
@@ -85,11 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--nbest", type=int, default=5, help="N-best list size for --robustness (beam = max(N, --beam-size))")
     p.add_argument("--robustness", action="store_true",
                    help="N-best perturbation rescoring robustness (NPRR) per system and dialect; see the README")
-    p.add_argument("--audio-ctx", default=None,
-                   help=AUDIO_CTX_HELP + " (default: what the adapters were trained with, else full)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="bf16: the encoder and cross-attention under bf16 autocast (~1.5x faster at 30 s windows on "
-                        "a CPU with avx512_bf16 or AMX, same text on 16/16 bench clips; bench/README.md)")
+    add_decoding_args(p)
     p.add_argument("--base-8bit", action="store_true",
                    help="hold the base's Linear weights in int8 (as train.py --base-8bit), adapters on top; "
                         "--checkpoint models stay fp32")

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from lora.adapters import set_active_adapter
-from scoring.systems import (add_routing_args, check_dialect_id, label_routes, load_head, load_systems, parse_adapters,
-                             parse_audio_ctx, parse_routes, trained_audio_ctx)
+from scoring.systems import (add_decoding_args, add_routing_args, check_dialect_id, label_routes, load_head, load_systems,
+                             parse_adapters, parse_audio_ctx, parse_routes, trained_audio_ctx)
 from training.setup import choose_device, language_of, load_base, precision_note
 from transcription.inputs import InputError, duration, expand, output_names
 from transcription.longform import transcribe_waveform
@@ -37,8 +37,6 @@ from transcription.windows import speech_windows
 from transcription.writers import FORMATS, append_jsonl, write_recording
 from whisper_ft.audio import N_SAMPLES, SAMPLE_RATE, AudioError, check_waveform, log_mel, n_frames_of, read_audio
 from whisper_ft.dialect_id import choose_route, predict_dialect
-from whisper_ft.decoding import PRECISIONS
-from whisper_ft.encoder import AUDIO_CTX_HELP
 from whisper_ft.models import ModelSpecError
 from whisper_ft.text import tokenizer_for
 
@@ -60,11 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--language", default="bo")
     p.add_argument("--language-fallback", default=None,
                    help="Whisper language token to reuse for a language Whisper lacks (e.g. bo for Dzongkha)")
-    p.add_argument("--audio-ctx", default=None,
-                   help=AUDIO_CTX_HELP + " (default: what the adapters were trained with, else full)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="bf16: the encoder and cross-attention under bf16 autocast (faster on a CPU with avx512_bf16 "
-                        "or AMX; bench/README.md)")
+    add_decoding_args(p)
     p.add_argument("--format", default=",".join(FORMATS), help="comma-separated: " + ",".join(FORMATS))
     p.add_argument("--batch-size", type=int, default=16, help="windows decoded together")
     p.add_argument("--beam-size", type=int, default=1, help="1: greedy; looped windows are retried with beam 5")

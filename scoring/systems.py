@@ -9,7 +9,8 @@ from lora.inject import remove_adapter, set_active_adapter
 from lora.layers import check_adapter_name
 from scoring.evaluation import evaluate_systems
 from whisper_ft.dialect_id import load_dialect_id
-from whisper_ft.encoder import audio_ctx_value
+from whisper_ft.decoding import PRECISIONS
+from whisper_ft.encoder import AUDIO_CTX_HELP, audio_ctx_value
 from whisper_ft.vocab import adapter_tokens, set_added_tokens
 
 RESERVED = ("base", "routed", "routed-auto")
@@ -192,6 +193,15 @@ def add_routing_args(p, unit: str, what: str) -> None:
     p.add_argument("--route-fallback", default=None, metavar="base|mix|NAME",
                    help=f"the system for a {unit} with no adapter for its predicted dialect or under the threshold: "
                         "base, mix (uniform composition of the --adapter files), or an --adapter name (default mix)")
+
+
+def add_decoding_args(p) -> None:
+    """--audio-ctx and --precision, as evaluate.py and transcribe.py both take them."""
+    p.add_argument("--audio-ctx", default=None,
+                   help=AUDIO_CTX_HELP + " (default: what the adapters were trained with, else full)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="bf16: the encoder and cross-attention under bf16 autocast (~1.8x faster at 30 s windows on "
+                        "a CPU with avx512_bf16, same text on 16/16 bench clips; bench/README.md)")
 
 
 def check_dialect_id(dialect_id, route_threshold, route_fallback, adapters: dict) -> dict | None:

@@ -64,7 +64,7 @@ def test_auto_and_fixed_context_crop(examples, tokenizer):
     assert fixed.mel.shape == (3, 80, 200) and fixed.n_frames.tolist() == [123, 200, 40]
     with pytest.raises(ValueError, match="even number of frames"):
         Collator(tokenizer, audio_ctx=201)
-    with pytest.raises(ValueError, match="'auto', 'auto\+N' or an even int"):
+    with pytest.raises(ValueError, match=r"'auto', 'auto\+N' or an even int"):
         Collator(tokenizer, audio_ctx="800")  # a string where an int is meant
     margin = Collator(tokenizer, audio_ctx="auto+1500")  # the longest clip + 15 s of padding, rounded up
     assert margin(items).mel.shape == (3, 80, 1800)  # 250 + 1500 -> 1800

@@ -230,7 +230,7 @@ def test_bad_arguments_are_named(tokenizer, mels):
         score_hypotheses(model, torch.zeros(1, 10, 64), tokenizer, [[[1] * 445]])
 
 
-def test_bf16_runs_the_encoder_and_cross_attention_in_bf16_and_keeps_the_search_close(tokenizer, mels):
+def test_bf16_runs_the_encoder_and_cross_attention_in_bf16_once(tokenizer, mels):
     model = lively_model()
     seen = []
     hooks = [b.cross_attn.key.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
